@@ -1,0 +1,55 @@
+"""`character <stage> --config FILE [--force] [key.sub=value ...]` — the one command-line entrypoint.
+
+The config (and the constitution it names) is validated before Ray or any engine starts; a bad file
+stops the command with a message naming the file and the field, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from character.config import Config, ConfigError, load_config
+from character.traits import load_constitution
+
+# stage command -> module with `run(config, force) -> StageResult`
+STAGES = {
+    "synthesize": "character.stages.synthesize",
+    "respond": "character.stages.respond",
+}
+
+
+def validate(config: Config) -> None:
+    """Checks that need more than the config file itself, still before any compute."""
+    load_constitution(config.traits.path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="character", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGES:
+        p = sub.add_parser(name, help=f"run the '{name}' stage")
+        p.add_argument("--config", required=True, help="YAML config file (e.g. configs/tiny.yaml)")
+        p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. synthesize.messages_per_trait=16")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        validate(config)
+    except ConfigError as exc:
+        print(f"config error:\n{exc}", file=sys.stderr)
+        return 2
+    stage = importlib.import_module(STAGES[args.command])
+    result = stage.run(config, force=args.force)
+    print(result.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

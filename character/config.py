@@ -1,0 +1,189 @@
+"""One typed configuration for every stage, loaded from YAML with dotted overrides.
+
+`load_config(path, ["synthesize.messages_per_trait=8", ...])` reads the YAML, applies the overrides,
+validates everything (unknown keys, wrong types, out-of-range values) and raises `ConfigError` naming
+the file and the dotted field before any compute starts.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the file and the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Strict):
+    output_dir: str = "runs/default"  # local path or any pyarrow/fsspec URI (s3://, gs://)
+    seed: int = 0
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: RAY_ADDRESS if set, else start a local Ray
+    num_cpus: int | None = Field(4, ge=1)  # logical CPUs of a local Ray (overcommit on small boxes)
+    object_store_memory_mb: int | None = Field(1024, ge=78)
+
+
+class ModelConfig(Strict):
+    # A Hugging Face model id, a local path, or a built-in random model (see character.models.BUILTIN_MODELS).
+    name: str = "tiny-llama"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TraitsConfig(Strict):
+    path: str = "configs/traits/tiny.yaml"
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(64, ge=1)
+    n: int = Field(1, ge=1)
+
+
+class PoolSize(Strict):
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolSize:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class EngineConfig(Strict):
+    """vLLM engines held by Ray Data actors."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int = Field(512, ge=16)
+    kv_cache_gib: float = Field(1.0, gt=0)  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(4096, ge=16)
+    enforce_eager: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)
+    extra_args: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
+    actors: PoolSize = Field(default_factory=PoolSize)  # Ray Data actor pool (min, max) -> autoscaling
+    num_cpus_per_actor: float = Field(2, gt=0)  # OpenMP threads of a CPU engine follow this
+    num_gpus_per_actor: float = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1)  # rows per map_batches call
+
+
+class SynthesizeConfig(Strict):
+    messages_per_trait: int = Field(8, ge=1)
+    kinds: list[Literal["values", "situation", "self", "everyday", "adversarial"]] = Field(
+        default_factory=lambda: ["values", "situation", "self", "everyday"], min_length=1
+    )
+    include_seed_questions: bool = True  # the constitution's own questions join the messages
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.95, max_tokens=48)
+    )
+    min_chars: int = Field(8, ge=1)
+    max_chars: int = Field(600, ge=1)
+    drop_truncated: bool = True  # a message cut off at max_tokens is set aside as "truncated"
+    near_duplicate_threshold: float = Field(0.7, gt=0, le=1)  # MinHash Jaccard on word 3-grams
+    minhash_permutations: int = Field(64, ge=16)
+
+
+class RespondConfig(Strict):
+    candidates: int = Field(4, ge=2)
+    system_prompt: Literal["trait", "constitution"] = "trait"
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.95, max_tokens=48)
+    )
+
+
+class Config(Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    traits: TraitsConfig = Field(default_factory=TraitsConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    respond: RespondConfig = Field(default_factory=RespondConfig)
+
+    # Where the YAML came from; relative paths in the config resolve against the working directory.
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.synthesize.min_chars > self.synthesize.max_chars:
+            raise ValueError("synthesize.min_chars must be <= synthesize.max_chars")
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: override '{dotted}': '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"command line: override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"command line: override '{item}': value is not valid YAML: {exc}") from exc
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = err["msg"]
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) or err["type"] == "missing" else f" (got {given!r})"
+        lines.append(f"{origin}: field '{field}': {msg}{shown}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict, origin: str = "<dict>", overrides: list[str] | None = None) -> Config:
+    tree = copy.deepcopy(data) if data else {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping of sections, got {type(tree).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, origin)
+    tree["source"] = origin
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return config_from_dict(data, origin=str(path), overrides=overrides)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json", exclude={"source"}), sort_keys=False)

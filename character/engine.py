@@ -1,0 +1,150 @@
+"""vLLM engines for batch generation inside Ray Data.
+
+Why a hand-written callable class for `map_batches` instead of `ray.data.llm`'s processor: on vLLM
+0.32 the processor keeps only `outputs[0]` of a request, so `n` candidates per message would silently
+shrink to one; it runs an `AsyncLLMEngine` in a separate engine process outside Ray's CPU accounting
+(re-importing vLLM, ~11 s per actor); and on CPU it schedules only with a hand-made placement group. A
+class holding an in-process `vllm.LLM` keeps all `n` samples, gives us the log-probabilities we need for
+self-ranking from the same engine, and was measured faster here (../shared/FEASIBILITY.md). Ray Data's
+`ActorPoolStrategy(min_size, max_size)` still shards and autoscales the actors.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from character.config import EngineConfig, SamplingConfig
+
+
+def resolved_device(engine: EngineConfig) -> str:
+    if engine.device != "auto":
+        return engine.device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return "cpu"
+
+
+def engine_env(engine: EngineConfig) -> dict[str, str]:
+    """Environment a vLLM engine needs, set before `import vllm`."""
+    # In-process engine: starts in ~3 s instead of 20-30 s and its worker is reachable for weight sync.
+    env = {"VLLM_NO_USAGE_STATS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    if resolved_device(engine) == "cpu":
+        # Unset, vLLM on CPU tries to reserve most of RAM for its KV cache and refuses to start.
+        env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib)))})
+    return env
+
+
+def create_llm(model_name: str, dtype: str, engine: EngineConfig, seed: int):
+    """An in-process vllm.LLM for `model_name` (any id/path/built-in, resolved by character.models)."""
+    for key, value in engine_env(engine).items():
+        os.environ.setdefault(key, value)
+    from character.models import resolve_model
+
+    path = resolve_model(model_name)
+    if resolved_device(engine) == "cpu":
+        import torch
+
+        # vLLM's CPU worker makes torch.set_num_threads a no-op once the engine exists: set it first.
+        torch.set_num_threads(max(1, int(engine.num_cpus_per_actor)))
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        model=path,
+        tokenizer=path,
+        dtype=dtype,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
+        enforce_eager=engine.enforce_eager,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        seed=seed,
+    )
+    if resolved_device(engine) == "cuda":
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    kwargs.update(engine.extra_args)
+    return LLM(**kwargs)
+
+
+def chat_token_ids(tokenizer, system: str, user: str) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: list[int],
+                  sampling: SamplingConfig, max_model_len: int) -> list[dict]:
+    """Generate `sampling.n` completions per chat; prompts that cannot fit are rejected, not crashed on.
+
+    Returns one dict per input: outputs, finish_reasons, reject_reason (None when generated).
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    results: list[dict] = [{"outputs": [], "finish_reasons": [], "reject_reason": None} for _ in users]
+    prompts, params, where = [], [], []
+    for i, (system, user, seed) in enumerate(zip(systems, users, seeds)):
+        ids = chat_token_ids(tokenizer, system, user)
+        if len(ids) + sampling.max_tokens > max_model_len:
+            results[i]["reject_reason"] = "prompt_too_long"
+            results[i]["detail"] = f"{len(ids)} prompt tokens + {sampling.max_tokens} new > max_model_len {max_model_len}"
+            continue
+        prompts.append(TokensPrompt(prompt_token_ids=ids))
+        params.append(SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens, seed=int(seed),
+        ))
+        where.append(i)
+    if prompts:
+        for i, out in zip(where, llm.generate(prompts, params, use_tqdm=False)):
+            results[i]["outputs"] = [c.text for c in out.outputs]
+            results[i]["finish_reasons"] = [str(c.finish_reason or "length") for c in out.outputs]
+            results[i]["new_tokens"] = sum(len(c.token_ids) for c in out.outputs)
+    return results
+
+
+class ChatGenerator:
+    """Ray Data actor: rows with `system`, `user`, `seed` in; `outputs`, `finish_reasons`,
+    `reject_reason`, `detail`, `new_tokens` appended."""
+
+    def __init__(self, model_name: str, dtype: str, engine: dict, sampling: dict, seed: int):
+        self.engine = EngineConfig.model_validate(engine)
+        self.sampling = SamplingConfig.model_validate(sampling)
+        self.llm = create_llm(model_name, dtype, self.engine, seed)
+        from character.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_name)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = generate_chat(
+            self.llm, self.tokenizer,
+            batch.column("system").to_pylist(), batch.column("user").to_pylist(), batch.column("seed").to_pylist(),
+            self.sampling, self.engine.max_model_len,
+        )
+        return (
+            batch.append_column("outputs", pa.array([r["outputs"] for r in results], pa.list_(pa.string())))
+            .append_column("finish_reasons", pa.array([r["finish_reasons"] for r in results], pa.list_(pa.string())))
+            .append_column("reject_reason", pa.array([r["reject_reason"] for r in results], pa.string()))
+            .append_column("detail", pa.array([r.get("detail") for r in results], pa.string()))
+            .append_column("new_tokens", pa.array([r.get("new_tokens", 0) for r in results], pa.int64()))
+        )
+
+
+def actor_pool_args(engine: EngineConfig) -> dict:
+    """map_batches arguments that shard rows over an autoscaling pool of engine actors."""
+    import ray.data
+
+    return dict(
+        compute=ray.data.ActorPoolStrategy(min_size=engine.actors.min, max_size=engine.actors.max),
+        batch_size=engine.batch_size,
+        num_cpus=engine.num_cpus_per_actor,
+        num_gpus=engine.num_gpus_per_actor if resolved_device(engine) == "cuda" else 0,
+        batch_format="pyarrow",
+        # The env must be in place before the actor imports vllm.
+        runtime_env={"env_vars": engine_env(engine)},
+    )

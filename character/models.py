@@ -1,0 +1,170 @@
+"""One loading path for every model: a Hugging Face id, a local directory, or a built-in random model.
+
+No model hub is reachable on the development machines, so the embedded default is a small causal LM
+built here: a byte-level BPE tokenizer trained with `tokenizers` on a corpus shipped in the package
+(with a chat template and eos/pad tokens), and a randomly initialised Llama or Qwen2 of a named shape,
+saved with safetensors under a cache folder. `resolve_model(name)` returns a path or id that
+`transformers.from_pretrained` and `vllm.LLM(model=...)` both accept, so a real model id on a GPU
+cluster takes exactly the same code path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+TOKENIZER_VOCAB = 2048
+MODEL_FORMAT_VERSION = 1  # bump to rebuild cached models after a change here
+
+
+@dataclass(frozen=True)
+class RandomModelSpec:
+    architecture: str  # "llama" or "qwen2"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+
+# head_dim is 64 everywhere: vLLM's CPU attention kernels support it.
+BUILTIN_MODELS: dict[str, RandomModelSpec] = {
+    "tiny-llama": RandomModelSpec("llama", 128, 2, 2, 1, 256, tie_word_embeddings=False),
+    "tiny-qwen2": RandomModelSpec("qwen2", 128, 2, 2, 1, 256, tie_word_embeddings=True),
+    "random-llama-5m": RandomModelSpec("llama", 256, 4, 4, 4, 688, tie_word_embeddings=False),
+    "random-llama-25m": RandomModelSpec("llama", 512, 6, 8, 8, 1376, tie_word_embeddings=False),
+    "random-qwen2-100m": RandomModelSpec("qwen2", 768, 12, 12, 12, 2304, tie_word_embeddings=True),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CHARACTER_CACHE", Path.home() / ".cache" / "character"))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically move a finished folder into place; a concurrent builder may have won the race."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _corpus_path() -> Path:
+    return Path(__file__).parent / "assets" / "tokenizer_corpus.txt"
+
+
+def build_tokenizer(target: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
+        show_progress=False,
+    )
+    lines = _corpus_path().read_text().splitlines()
+    tok.train_from_iterator(lines, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        bos_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=2048,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(target))
+
+
+def _spec_key(name: str, spec: RandomModelSpec) -> str:
+    blob = json.dumps(
+        {"name": name, "spec": asdict(spec), "corpus": hashlib.sha1(_corpus_path().read_bytes()).hexdigest(),
+         "vocab": TOKENIZER_VOCAB, "format": MODEL_FORMAT_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def build_random_model(name: str, spec: RandomModelSpec, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    build_tokenizer(target)
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    eos, pad, bos = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|pad|>", "<|endoftext|>"))
+    config = AutoConfig.for_model(
+        spec.architecture,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos)
+    model.save_pretrained(str(target), safe_serialization=True)
+    (target / "character_model.json").write_text(json.dumps({"builtin": name, **asdict(spec)}, indent=2))
+
+
+def resolve_model(name: str) -> str:
+    """Path or hub id for `name`; builds and caches a built-in random model on first use."""
+    if name in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name]
+        final = cache_root() / "models" / f"{name}-{_spec_key(name, spec)}"
+        if not (final / "config.json").is_file():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                build_random_model(name, spec, tmp)
+                _publish(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(final)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model '{name}': a local folder without config.json")
+        return str(local.resolve())
+    return name  # a Hugging Face hub id, fetched by transformers / vLLM on a machine that reaches the hub
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=getattr(torch, dtype))

@@ -1,0 +1,143 @@
+"""Ray start-up and the plumbing every Ray Data stage shares: resume filters, part writers, progress."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from character.config import Config, RayConfig
+from character.store import StageOutput, stable_id
+
+log = logging.getLogger("character")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to a cluster (config or RAY_ADDRESS) or start a local Ray sized by the config."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    kwargs: dict = {}
+    if cfg.num_cpus is not None:
+        kwargs["num_cpus"] = cfg.num_cpus  # logical CPUs: a 2-core box needs overcommit, see FEASIBILITY.md
+    if cfg.object_store_memory_mb is not None:
+        kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+    ray.init(**kwargs)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    path: str
+    rows_in: int = 0
+    rows_out: int = 0
+    drops: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        if self.skipped:
+            return f"[{self.stage}] already complete at {self.path}: nothing to do (use --force to redo)"
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "none"
+        return (f"[{self.stage}] rows in {self.rows_in}, rows out {self.rows_out}, dropped {sum(self.drops.values())} "
+                f"({drops}), {self.seconds:.1f}s -> {self.path}")
+
+    def summary(self) -> dict:
+        return {"stage": self.stage, "rows_in": self.rows_in, "rows_out": self.rows_out,
+                "drops": dict(self.drops), "seconds": round(self.seconds, 2), **self.extra}
+
+
+def skip_or_reset(out: StageOutput, force: bool) -> StageResult | None:
+    """A complete stage is skipped unless forced; a forced one starts from nothing."""
+    if force:
+        out.reset()
+    elif out.complete():
+        return StageResult(out.stage, out.uri, skipped=True)
+    return None
+
+
+def without_done(batch: pa.Table, column: str, done: list[str]) -> pa.Table:
+    """Drop rows whose id was committed by an earlier (interrupted) run."""
+    if not done:
+        return batch
+    return batch.filter(pc.invert(pc.is_in(batch.column(column), value_set=pa.array(done, pa.string()))))
+
+
+def batch_key(ids: list[str]) -> str:
+    """Deterministic part name: a retried batch overwrites its own part instead of duplicating rows."""
+    return stable_id(*sorted(ids))
+
+
+def write_split(batch: pa.Table, out: StageOutput, id_column: str, kept: pa.Table | None,
+                rejected: pa.Table | None, sub: tuple[str, ...] = ()) -> pa.Table:
+    """Write the kept rows and the set-aside rows of one batch; return a one-row count table."""
+    key = batch_key(batch.column(id_column).to_pylist())
+    if kept is not None and kept.num_rows:
+        out.write_part(kept, *sub, key=key)
+    reasons: Counter = Counter()
+    if rejected is not None and rejected.num_rows:
+        out.write_part(rejected, *sub, "rejected", key=key)
+        reasons.update(rejected.column("reason").to_pylist())
+    return pa.table({
+        "rows_in": [batch.num_rows],
+        "rows_out": [kept.num_rows if kept is not None else 0],
+        "drops": [",".join(f"{k}:{v}" for k, v in reasons.items())],
+        "new_tokens": [int(pc.sum(batch.column("new_tokens")).as_py() or 0) if "new_tokens" in batch.column_names else 0],
+    })
+
+
+def consume_counts(ds, desc: str, total: int | None) -> tuple[int, int, Counter, int]:
+    """Stream the per-batch count rows to the driver with a progress bar; only counts cross."""
+    from tqdm.auto import tqdm
+
+    rows_in = rows_out = tokens = 0
+    drops: Counter = Counter()
+    with tqdm(total=total, desc=desc, unit="row", disable=None) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                rows_in += row["rows_in"]
+                rows_out += row["rows_out"]
+                tokens += row["new_tokens"]
+                for item in filter(None, row["drops"].split(",")):
+                    reason, count = item.rsplit(":", 1)
+                    drops[reason] += int(count)
+                bar.update(row["rows_in"])
+    return rows_in, rows_out, drops, tokens
+
+
+def committed_counts(out: StageOutput, id_column: str) -> tuple[int, Counter]:
+    """Rows kept and set aside over all runs of a stage, read back from what is committed."""
+    kept = len(out.ids(id_column))
+    drops: Counter = Counter()
+    if out.part_files("rejected"):
+        drops.update(out.read("rejected", columns=["reason"]).column("reason").to_pylist())
+    return kept, drops
+
+
+def write_resolved_config(config: Config) -> None:
+    from character.config import dump_config
+    from character.store import join_uri, split_uri
+
+    fs, path = split_uri(join_uri(config.run.output_dir, "config.yaml"))
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as sink:
+        sink.write(dump_config(config).encode())
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

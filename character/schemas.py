@@ -1,0 +1,45 @@
+"""Explicit pyarrow schemas of every dataset the stages write."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+MESSAGES = pa.schema([
+    pa.field("message_id", pa.string(), nullable=False),  # stable_id(trait, text)
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # values | situation | self | everyday | adversarial | seed
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("request_id", pa.string(), nullable=False),  # the generation request it came from
+])
+
+# Raw generations of `synthesize`, kept under messages/_work/ so an interrupted run resumes.
+RAW_MESSAGES = pa.schema([
+    pa.field("request_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("raw_text", pa.string(), nullable=False),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("reject_reason", pa.string()),  # set by the engine, e.g. prompt_too_long
+])
+
+# Rows set aside by any stage, with the reason; nothing is dropped silently.
+REJECTED = pa.schema([
+    pa.field("row_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+])
+
+RESPONSES = pa.schema([
+    pa.field("message_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),  # the user message as the policy sees it, no constitution
+    pa.field("candidates", pa.list_(pa.string()), nullable=False),
+    pa.field("finish_reasons", pa.list_(pa.string()), nullable=False),
+    pa.field("system_prompt", pa.string(), nullable=False),  # "trait" or "constitution"
+    pa.field("temperature", pa.float32(), nullable=False),
+    pa.field("top_p", pa.float32(), nullable=False),
+    pa.field("max_tokens", pa.int32(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+])

@@ -1,0 +1,90 @@
+"""Stage `respond`: shown its trait (or the whole constitution), the model samples K candidate
+responses per message. Rows stream from messages/ through vLLM actors into responses/, keyed by
+message_id; an interrupted run resumes with the messages not yet answered."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from character import schemas
+from character.config import Config
+from character.engine import ChatGenerator, actor_pool_args
+from character.prompts import character_system_prompt
+from character.runtime import (StageResult, Timer, committed_counts, consume_counts, init_ray, skip_or_reset, without_done,
+                               write_resolved_config, write_split)
+from character.store import StageOutput, require_complete, seed_from_id
+from character.traits import Constitution, load_constitution
+
+STAGE = "responses"
+
+
+def add_prompts(batch: pa.Table, *, constitution_json: str, mode: str, seed: int) -> pa.Table:
+    constitution = Constitution.model_validate_json(constitution_json)
+    traits = constitution.by_name()
+    systems = [character_system_prompt(traits[t], constitution, mode) for t in batch.column("trait").to_pylist()]
+    seeds = [seed_from_id(m, seed) for m in batch.column("message_id").to_pylist()]
+    return (batch.append_column("system", pa.array(systems, pa.string()))
+            .append_column("user", batch.column("text"))
+            .append_column("seed", pa.array(seeds, pa.int64())))
+
+
+def write_responses(batch: pa.Table, out: StageOutput, *, mode: str, sampling: dict) -> pa.Table:
+    reasons = batch.column("reject_reason").to_pylist()
+    keep = pa.array([r is None for r in reasons])
+    good = batch.filter(keep)
+    n = good.num_rows
+    kept = pa.table({
+        "message_id": good.column("message_id"), "trait": good.column("trait"), "kind": good.column("kind"),
+        "prompt": good.column("text"), "candidates": good.column("outputs"),
+        "finish_reasons": good.column("finish_reasons"),
+        "system_prompt": pa.array([mode] * n, pa.string()),
+        "temperature": pa.array([sampling["temperature"]] * n, pa.float32()),
+        "top_p": pa.array([sampling["top_p"]] * n, pa.float32()),
+        "max_tokens": pa.array([sampling["max_tokens"]] * n, pa.int32()),
+        "seed": good.column("seed"),
+    }, schema=schemas.RESPONSES)
+    bad = batch.filter(pa.array([r is not None for r in reasons]))
+    rejected = pa.table({
+        "row_id": bad.column("message_id"), "trait": bad.column("trait"), "reason": bad.column("reject_reason"),
+        "text": bad.column("text"), "detail": bad.column("detail"),
+    }, schema=schemas.REJECTED)
+    return write_split(batch, out, "message_id", kept, rejected)
+
+
+def run(config: Config, force: bool = False) -> StageResult:
+    out = StageOutput(config.run.output_dir, STAGE)
+    messages = StageOutput(config.run.output_dir, "messages")
+    if (skipped := skip_or_reset(out, force)) is not None:
+        return skipped
+    require_complete(messages, "respond")
+    constitution = load_constitution(config.traits.path)
+    write_resolved_config(config)
+    init_ray(config.ray)
+    import ray.data
+
+    cfg = config.respond
+    sampling = cfg.sampling.model_copy(update={"n": cfg.candidates}).model_dump()
+    result = StageResult(STAGE, out.uri)
+    with Timer() as timer:
+        done = sorted(out.ids("message_id") | out.ids("row_id", "rejected"))
+        total = messages.success_info().get("rows_out")
+        ds = (
+            ray.data.read_parquet(messages.part_files(), schema=schemas.MESSAGES, filesystem=messages._fs()[0])
+            .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
+            .map_batches(add_prompts, fn_kwargs=dict(constitution_json=constitution.model_dump_json(),
+                                                     mode=cfg.system_prompt, seed=config.run.seed),
+                         batch_format="pyarrow")
+            .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
+                model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
+                sampling=sampling, seed=config.run.seed), **actor_pool_args(config.engine))
+            .map_batches(write_responses, fn_kwargs=dict(out=out, mode=cfg.system_prompt, sampling=sampling),
+                         batch_format="pyarrow")
+        )
+        result.rows_in, result.rows_out, result.drops, tokens = consume_counts(
+            ds, "respond", None if total is None else total - len(done))
+    result.seconds = timer.seconds
+    result.rows_in += len(done)
+    result.rows_out, result.drops = committed_counts(out, "message_id")
+    result.extra = {"candidates_per_message": cfg.candidates, "new_tokens_this_run": tokens}
+    out.write_json("stats.json", result.summary())
+    out.mark_success(result.summary())
+    return result

