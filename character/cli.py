@@ -20,6 +20,10 @@ STAGES = {
 }
 
 
+# `character run` goes through these in order, skipping stages whose output is complete.
+PIPELINE = ["synthesize", "respond"]
+
+
 def validate(config: Config) -> None:
     """Checks that need more than the config file itself, still before any compute."""
     load_constitution(config.traits.path)
@@ -28,8 +32,9 @@ def validate(config: Config) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="character", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in STAGES:
-        p = sub.add_parser(name, help=f"run the '{name}' stage")
+    for name in [*STAGES, "run"]:
+        p = sub.add_parser(name, help="every stage in order, skipping complete ones" if name == "run"
+                           else f"run the '{name}' stage")
         p.add_argument("--config", required=True, help="YAML config file (e.g. configs/tiny.yaml)")
         p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. synthesize.messages_per_trait=16")
@@ -45,9 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2
-    stage = importlib.import_module(STAGES[args.command])
-    result = stage.run(config, force=args.force)
-    print(result.line(), flush=True)
+    names = PIPELINE if args.command == "run" else [args.command]
+    for name in names:
+        stage = importlib.import_module(STAGES[name])
+        try:
+            result = stage.run(config, force=args.force)
+        except Exception as exc:
+            if args.command != "run":
+                raise
+            print(f"[{name}] failed: {type(exc).__name__}: {exc}\n"
+                  f"stopped; fix the cause and rerun `character run` to resume from '{name}'", file=sys.stderr)
+            return 1
+        print(result.line(), flush=True)
     return 0
 
 

