@@ -17,11 +17,12 @@ from character.traits import load_constitution
 STAGES = {
     "synthesize": "character.stages.synthesize",
     "respond": "character.stages.respond",
+    "rank": "character.stages.rank",
 }
 
 
 # `character run` goes through these in order, skipping stages whose output is complete.
-PIPELINE = ["synthesize", "respond"]
+PIPELINE = ["synthesize", "respond", "rank"]
 
 
 def validate(config: Config) -> None:

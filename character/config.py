@@ -113,6 +113,54 @@ class RespondConfig(Strict):
     )
 
 
+class FewShotExample(Strict):
+    trait: str = ""  # statement shown; empty: the trait being ranked
+    message: str
+    response_a: str
+    response_b: str
+    answer: Literal["A", "B"]
+
+
+class RankConfig(Strict):
+    # Which candidate pairs are compared: all pairs (K <= 4 under "auto"), or each candidate against
+    # `opponents` random others (seeded by message_id) for larger K.
+    scheme: Literal["auto", "all_pairs", "random_opponents"] = "auto"
+    opponents: int = Field(2, ge=1)
+    aggregate: Literal["mean_win", "bradley_terry"] = "mean_win"
+    pairs: Literal["all", "best_worst"] = "all"  # which preference pairs are emitted from the ranking
+    tie_margin: float = Field(0.02, ge=0, lt=0.5)  # |p - 0.5| below this is a tie and is set aside
+    clamp: tuple[float, float] | None = None  # clamp soft labels into [lo, hi] (CAI: 0.4-0.6 with CoT)
+    chain_of_thought: bool = False
+    cot_max_tokens: int = Field(96, ge=1)
+    few_shot: list[FewShotExample] = Field(default_factory=list)
+    max_response_chars: int = Field(2000, ge=1)  # longer candidates are cut in the judge prompt only
+
+    @model_validator(mode="after")
+    def _band(self) -> RankConfig:
+        if self.clamp is not None and not (0.0 <= self.clamp[0] < 0.5 < self.clamp[1] <= 1.0):
+            raise ValueError("clamp must be [lo, hi] with 0 <= lo < 0.5 < hi <= 1")
+        return self
+
+
+class RuleConfig(Strict):
+    type: Literal["keywords", "length"] = "keywords"
+    words: list[str] = Field(default_factory=list)  # keywords: prefers more occurrences of these words
+    target_words: int = Field(20, ge=0)  # length: prefers responses closer to this many words
+    temperature: float = Field(1.0, gt=0)  # P(A) = sigmoid((score_A - score_B) / temperature)
+
+
+class JudgeConfig(Strict):
+    kind: Literal["model", "rule"] = "model"
+    model: str | None = None  # None: the policy model itself (self-ranking)
+    rule: RuleConfig = Field(default_factory=RuleConfig)
+
+    @model_validator(mode="after")
+    def _rule_words(self) -> JudgeConfig:
+        if self.kind == "rule" and self.rule.type == "keywords" and not self.rule.words:
+            raise ValueError("rule.words must list at least one word for a keywords rule")
+        return self
+
+
 class Config(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -121,6 +169,8 @@ class Config(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     respond: RespondConfig = Field(default_factory=RespondConfig)
+    rank: RankConfig = Field(default_factory=RankConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
     # Where the YAML came from; relative paths in the config resolve against the working directory.
     source: str | None = None

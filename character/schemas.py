@@ -43,3 +43,33 @@ RESPONSES = pa.schema([
     pa.field("max_tokens", pa.int32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
 ])
+
+# Preference pairs in TRL's preference format (prompt / chosen / rejected) plus soft labels.
+PREFERENCES = pa.schema([
+    pa.field("pair_id", pa.string(), nullable=False),  # stable_id(message_id, chosen, rejected)
+    pa.field("message_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("chosen", pa.string(), nullable=False),
+    pa.field("rejected", pa.string(), nullable=False),
+    pa.field("p_chosen", pa.float64(), nullable=False),  # soft label >= 0.5 (after optional clamping)
+    pa.field("p_ab", pa.float64(), nullable=False),  # judge's P(first better) with chosen shown first
+    pa.field("p_ba", pa.float64(), nullable=False),  # judge's P(first better) with rejected shown first
+    pa.field("judge", pa.string(), nullable=False),
+    pa.field("chosen_score", pa.float64(), nullable=False),  # ranking scores (mean win or Bradley-Terry)
+    pa.field("rejected_score", pa.float64(), nullable=False),
+])
+
+# Every comparison the judge made, both orders: the raw material of the label-quality numbers.
+COMPARISONS = pa.schema([
+    pa.field("message_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("i", pa.int32(), nullable=False),
+    pa.field("j", pa.int32(), nullable=False),
+    pa.field("q_ij", pa.float64(), nullable=False),  # P(first better), candidate i shown first
+    pa.field("q_ji", pa.float64(), nullable=False),  # P(first better), candidate j shown first
+    pa.field("label", pa.float64(), nullable=False),  # P(i better) = (q_ij + 1 - q_ji) / 2
+])
+
+# Per-batch commit record of a stage whose batch writes several parts (written last).
+DONE = pa.schema([pa.field("message_id", pa.string(), nullable=False)])

@@ -96,6 +96,19 @@ class StageOutput:
             if i.type == pafs.FileType.File and i.base_name.startswith("part-") and i.base_name.endswith(".parquet")
         )
 
+    def prune_parts(self, keep_keys: set[str], *sub: str) -> int:
+        """Delete parts whose key is not in keep_keys (left by a batch killed before its commit record)."""
+        fs, _ = self._fs()
+        pruned = 0
+        for path in self.part_files(*sub):
+            if posixpath.basename(path)[len("part-"):-len(".parquet")] not in keep_keys:
+                fs.delete_file(path)
+                pruned += 1
+        return pruned
+
+    def part_keys(self, *sub: str) -> set[str]:
+        return {posixpath.basename(p)[len("part-"):-len(".parquet")] for p in self.part_files(*sub)}
+
     def clear(self, *sub: str) -> None:
         fs, _ = self._fs()
         for path in self.part_files(*sub):

@@ -72,3 +72,24 @@ def test_respond_sets_aside_prompts_that_do_not_fit(tmp_path, run_dir, make_conf
     assert all(r["reason"] == "prompt_too_long" and "max_model_len 40" in r["detail"] for r in rejected)
     assert result.drops["prompt_too_long"] == len(rejected)
     assert out.complete()
+
+
+def test_rank_self_ranking_writes_soft_labelled_pairs(run_dir, make_config):
+    from character.stages import rank
+
+    result = rank.run(make_config(run_dir))
+    out = StageOutput(str(run_dir), "preferences")
+    pairs = out.read()
+    assert pairs.schema.equals(schemas.PREFERENCES) and out.complete()
+    rows = pairs.to_pylist()
+    assert rows and all(0.5 <= r["p_chosen"] <= 1.0 for r in rows)
+    assert all(r["chosen"] != r["rejected"] for r in rows)
+    assert len({r["pair_id"] for r in rows}) == len(rows)
+    assert all(r["p_chosen"] == pytest.approx((r["p_ab"] + 1 - r["p_ba"]) / 2) for r in rows)
+    assert {r["judge"] for r in rows} == {"model:tiny-llama"}
+    stats = json.loads((run_dir / "preferences" / "stats.json").read_text())
+    responses = StageOutput(str(run_dir), "responses").read()
+    assert stats["comparisons"] == out.read("comparisons").num_rows == 3 * responses.num_rows  # K=3: 3 pairs
+    assert 0.0 <= stats["order_consistency"] <= 1.0 and 0.0 < stats["position_bias_mean_p_first"] < 1.0
+    assert sum(stats["label_histogram"]["counts"]) == len(rows) == result.rows_out
+    assert sum(stats["pairs_per_trait"].values()) == len(rows)

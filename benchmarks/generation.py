@@ -1,0 +1,370 @@
+"""Generation throughput: Ray Data + vLLM actors vs direct in-process vLLM vs batched Hugging Face generate.
+
+What it measures (tokens/s = new tokens actually generated / seconds), on the same model, the same chat
+prompts (built like the synthesize stage: `synthesis_prompt` over the traits of
+configs/traits/constitution.yaml, chat template via `character.engine.chat_token_ids`, one seed per
+row) and the same sampling settings (temperature, top_p, n, max_tokens; top-k off everywhere):
+
+  ray    Ray Data end to end: `ray.data.from_items(rows).map_batches(ChatGenerator, ...,
+         **actor_pool_args(engine))` consumed with `iter_batches`; timed from dataset creation to the
+         last row, INCLUDING the actor's start-up (import vllm + vllm.LLM() happen in the actor). A local
+         Ray (`ray.init(num_cpus=4, object_store_memory=...)`) is started ONCE before the repetitions and
+         is not timed; it stays up (idle) while the other contenders run.
+  direct `character.engine.create_llm` + `character.engine.generate_chat` in a fresh subprocess per
+         repetition. "cold" = from before create_llm (which imports vllm) to the end; "warm" = the
+         generate_chat call only, in the same subprocess.
+  hf     transformers `model.generate` (left padding, do_sample, temperature/top_p, top_k=0,
+         num_return_sequences=n, `torch.set_num_threads(2)`) in batches of --hf-batch-size prompts, in a
+         fresh subprocess per repetition; timed over generation only (chat templating + padding +
+         generate); the model load time is reported separately.
+
+Engine: `EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512, actors 1..1)`, so the
+OpenMP thread count (2) is the same in all three. The tiny random models rarely emit eos and
+SamplingConfig has no ignore_eos, so outputs are nearly fixed-length; the actual new tokens are counted
+(vLLM: sum of len(token_ids); HF: tokens up to and including the first eos, padding excluded).
+
+Contenders are interleaved: each repetition runs all of them, the order rotating per repetition. A
+table per repetition, then medians and the ratios ray/direct_cold and direct_warm/hf, plus the load
+average at start and end and the other python processes seen. Quote figures as MEDIANS over the
+repetitions together with the machine load printed at start and end (a busy machine skews everything;
+the interleaved ratios are more robust than the absolute numbers).
+
+Run (from the repository root):
+  # full size: 400 prompts x n=4 x 32 tokens = 51.2k new tokens per contender and repetition
+  .venv/bin/python benchmarks/generation.py
+  # a bigger model with a smaller workload
+  .venv/bin/python benchmarks/generation.py --model random-qwen2-100m --prompts 64 --n 2 --max-tokens 32
+  # quick check
+  .venv/bin/python benchmarks/generation.py --reps 1 --prompts 40 --n 2 --max-tokens 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CONTENDERS = ("ray", "direct", "hf")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-llama", help="built-in random model, local path or HF id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompts", type=int, default=400, help="chat prompts (rows)")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per sample")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list out of ray,direct,hf")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per map_batches call (Ray path)")
+    p.add_argument("--hf-batch-size", type=int, default=64,
+                   help="prompts per HF generate call (x n sequences with num_return_sequences)")
+    p.add_argument("--object-store-mb", type=int, default=1024, help="object store of the local Ray")
+    p.add_argument("--traits", default=str(ROOT / "configs" / "traits" / "constitution.yaml"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", choices=["direct", "hf"], help=argparse.SUPPRESS)  # subprocess mode
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- shared
+
+
+def engine_config(args):
+    from character.config import EngineConfig
+
+    return EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512,
+                        actors={"min": 1, "max": 1}, batch_size=args.batch_size)
+
+
+def sampling_config(args):
+    from character.config import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n=args.n)
+
+
+def build_rows(args) -> list[dict]:
+    """Synthesis-style chat prompts over the constitution's traits, kinds round-robin, one seed per row."""
+    from character.config import SynthesizeConfig
+    from character.prompts import SYNTH_SYSTEM, synthesis_prompt
+    from character.store import seed_from_id, stable_id
+    from character.traits import load_constitution
+
+    traits = load_constitution(args.traits).traits
+    kinds = list(SynthesizeConfig().kinds)
+    rows = []
+    for i in range(args.prompts):
+        trait = traits[i % len(traits)]
+        index = i // len(traits)
+        kind = kinds[index % len(kinds)]
+        request_id = stable_id(trait.name, kind, str(index), str(args.seed))
+        rows.append({"request_id": request_id, "system": SYNTH_SYSTEM,
+                     "user": synthesis_prompt(trait, kind, index), "seed": seed_from_id(request_id, args.seed)})
+    return rows
+
+
+def emit(result: dict) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------- workers
+
+
+def worker_direct(args) -> None:
+    """Fresh process: create_llm (imports vllm) + generate_chat; cold and warm timings."""
+    from character.engine import create_llm, generate_chat
+
+    engine, sampling, rows = engine_config(args), sampling_config(args), build_rows(args)
+    t0 = time.perf_counter()
+    llm = create_llm(args.model, args.dtype, engine, args.seed)
+    from character.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    t1 = time.perf_counter()
+    results = generate_chat(llm, tokenizer, [r["system"] for r in rows], [r["user"] for r in rows],
+                            [r["seed"] for r in rows], sampling, engine.max_model_len)
+    t2 = time.perf_counter()
+    rejected = sum(1 for r in results if r["reject_reason"])
+    tokens = sum(r.get("new_tokens", 0) for r in results)
+    samples = sum(len(r["outputs"]) for r in results)
+    emit({"tokens": tokens, "samples": samples, "rejected": rejected, "startup_s": t1 - t0,
+          "cold_s": t2 - t0, "warm_s": t2 - t1})
+
+
+def worker_hf(args) -> None:
+    """Fresh process: batched transformers generate with left padding; load and generation timed apart."""
+    import torch
+
+    torch.set_num_threads(2)
+    from character.engine import chat_token_ids
+    from character.models import load_causal_lm, load_tokenizer
+
+    rows, engine = build_rows(args), engine_config(args)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(args.model)
+    tokenizer.padding_side = "left"
+    model = load_causal_lm(args.model, args.dtype).eval()
+    t1 = time.perf_counter()
+    eos = tokenizer.eos_token_id
+    tokens = samples = rejected = 0
+    with torch.inference_mode():
+        for start in range(0, len(rows), args.hf_batch_size):
+            batch = rows[start:start + args.hf_batch_size]
+            ids = [chat_token_ids(tokenizer, r["system"], r["user"]) for r in batch]
+            keep = [x for x in ids if len(x) + args.max_tokens <= engine.max_model_len]  # as generate_chat
+            rejected += len(ids) - len(keep)
+            if not keep:
+                continue
+            enc = tokenizer.pad({"input_ids": keep}, padding=True, return_tensors="pt")
+            torch.manual_seed(batch[0]["seed"])  # one seed per batch: HF has no per-row seeds
+            out = model.generate(
+                **enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                max_new_tokens=args.max_tokens, min_new_tokens=0, num_return_sequences=args.n,
+                eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            for seq in new:
+                # Up to and including the first eos (vLLM counts the eos token too); the rest is padding.
+                tokens += seq.index(eos) + 1 if eos in seq else len(seq)
+            samples += len(new)
+    t2 = time.perf_counter()
+    emit({"tokens": tokens, "samples": samples, "rejected": rejected, "load_s": t1 - t0, "gen_s": t2 - t1})
+
+
+def run_worker(kind: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model", args.model,
+           "--dtype", args.dtype, "--prompts", str(args.prompts), "--n", str(args.n),
+           "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
+           "--top-p", str(args.top_p), "--batch-size", str(args.batch_size),
+           "--hf-batch-size", str(args.hf_batch_size), "--traits", args.traits, "--seed", str(args.seed)]
+    env = dict(os.environ)
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise RuntimeError(f"{kind} worker failed (rc {proc.returncode}):\n{tail}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_s"] = wall  # interpreter start + imports + everything, seen from outside
+    return result
+
+
+# ------------------------------------------------------------------------------------------- Ray path
+
+
+def start_ray(args) -> float:
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=4, object_store_memory=args.object_store_mb * 1024 * 1024)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    return time.perf_counter() - t0
+
+
+def run_ray(args, rows: list[dict]) -> dict:
+    import ray.data
+
+    from character.engine import ChatGenerator, actor_pool_args
+
+    engine, sampling = engine_config(args), sampling_config(args)
+    tokens = samples = rejected = n_rows = 0
+    first = None
+    t0 = time.perf_counter()
+    ds = ray.data.from_items(rows).map_batches(
+        ChatGenerator,
+        fn_constructor_kwargs=dict(model_name=args.model, dtype=args.dtype, engine=engine.model_dump(),
+                                   sampling=sampling.model_dump(), seed=args.seed),
+        **actor_pool_args(engine),
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        first = first or time.perf_counter() - t0
+        n_rows += batch.num_rows
+        tokens += sum(batch.column("new_tokens").to_pylist())
+        samples += sum(len(o) for o in batch.column("outputs").to_pylist())
+        rejected += sum(1 for r in batch.column("reject_reason").to_pylist() if r)
+    seconds = time.perf_counter() - t0
+    if n_rows != len(rows):
+        raise RuntimeError(f"ray path returned {n_rows} rows, expected {len(rows)}")
+    return {"tokens": tokens, "samples": samples, "rejected": rejected, "e2e_s": seconds, "first_s": first}
+
+
+# -------------------------------------------------------------------------------------------- reporting
+
+
+def other_pythons() -> list[str]:
+    """Python processes that are neither this one nor its descendants (e.g. a test run next door)."""
+    try:
+        import psutil
+    except ImportError:
+        return ["(psutil not installed)"]
+    me = psutil.Process()
+    mine = {me.pid} | {c.pid for c in me.children(recursive=True)}
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            if proc.info["pid"] in mine or "python" not in (proc.info["name"] or "").lower():
+                continue
+            cmd = " ".join(proc.info["cmdline"] or [])
+            found.append(f"{proc.info['pid']}: {cmd[:90]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def load_line(label: str) -> str:
+    one, five, fifteen = os.getloadavg()
+    others = other_pythons()
+    text = f"{label}: load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs); " \
+           f"{len(others)} other python process(es)"
+    if others:
+        text += "\n" + "\n".join("    " + o for o in others[:8]) + ("\n    ..." if len(others) > 8 else "")
+    return text
+
+
+def metrics(name: str, r: dict) -> dict[str, float]:
+    """tokens/s figures of one contender run, keyed by the column names of the summary."""
+    if name == "ray":
+        return {"ray_e2e": r["tokens"] / r["e2e_s"]}
+    if name == "direct":
+        return {"direct_cold": r["tokens"] / r["cold_s"], "direct_warm": r["tokens"] / r["warm_s"]}
+    return {"hf_gen": r["tokens"] / r["gen_s"]}
+
+
+def describe(name: str, r: dict) -> str:
+    if name == "ray":
+        return f"e2e {r['e2e_s']:.1f}s (actor start-up included; first batch back at {r['first_s']:.1f}s)"
+    if name == "direct":
+        return (f"cold {r['cold_s']:.1f}s = start-up {r['startup_s']:.1f}s + gen {r['warm_s']:.1f}s; "
+                f"process {r['process_s']:.1f}s")
+    return f"load {r['load_s']:.1f}s (import transformers + tokenizer + weights; not timed) + gen {r['gen_s']:.1f}s; process {r['process_s']:.1f}s"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker == "direct":
+        return worker_direct(args)
+    if args.worker == "hf":
+        return worker_hf(args)
+
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown or not contenders:
+        sys.exit(f"--contenders: unknown {sorted(unknown)}; choose from {CONTENDERS}")
+    rows = build_rows(args)
+    from character.models import resolve_model
+
+    resolve_model(args.model)  # build/cache a built-in model once, outside every timing
+    requested = args.prompts * args.n * args.max_tokens
+    print(f"model {args.model} ({args.dtype}); {args.prompts} prompts x n={args.n} x max_tokens={args.max_tokens} "
+          f"= {requested} new tokens requested per run; temperature {args.temperature}, top_p {args.top_p}, "
+          f"top_k off; engine num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512; reps {args.reps}")
+    print(load_line("start"))
+    if "ray" in contenders:
+        seconds = start_ray(args)
+        print(f"Ray: local ray.init(num_cpus=4, object_store_memory={args.object_store_mb} MB) started ONCE before "
+              f"the repetitions in {seconds:.1f}s (not timed); each Ray repetition includes actor start-up.")
+    print(flush=True)
+
+    per_metric: dict[str, list[float]] = {}
+    tokens_seen: dict[str, list[int]] = {}
+    per_rep_ratios: dict[str, list[float]] = {"ray_e2e/direct_cold": [], "direct_warm/hf_gen": []}
+    for rep in range(args.reps):
+        order = contenders[rep % len(contenders):] + contenders[:rep % len(contenders)]
+        print(f"--- repetition {rep + 1}/{args.reps}, order {' -> '.join(order)}, "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
+        print(f"  {'contender':<12}{'tokens':>8}{'samples':>9}{'tok/s':>10}  detail")
+        rep_metrics: dict[str, float] = {}
+        for name in order:
+            r = run_ray(args, rows) if name == "ray" else run_worker(name, args)
+            tokens_seen.setdefault(name, []).append(r["tokens"])
+            detail = describe(name, r) + (f"  [{r['rejected']} prompts rejected]" if r["rejected"] else "")
+            for key, value in metrics(name, r).items():
+                per_metric.setdefault(key, []).append(value)
+                rep_metrics[key] = value
+                print(f"  {key:<12}{r['tokens']:>8}{r['samples']:>9}{value:>10.0f}  {detail}", flush=True)
+                detail = '"'
+        if "ray_e2e" in rep_metrics and "direct_cold" in rep_metrics:
+            per_rep_ratios["ray_e2e/direct_cold"].append(rep_metrics["ray_e2e"] / rep_metrics["direct_cold"])
+        if "direct_warm" in rep_metrics and "hf_gen" in rep_metrics:
+            per_rep_ratios["direct_warm/hf_gen"].append(rep_metrics["direct_warm"] / rep_metrics["hf_gen"])
+
+    print(f"\n=== medians over {args.reps} repetition(s) (tokens/s; quote these, with the load below)")
+    med = {k: statistics.median(v) for k, v in per_metric.items()}
+    for key, values in per_metric.items():
+        print(f"  {key:<12}{med[key]:>10.0f}   runs: {', '.join(f'{v:.0f}' for v in values)}")
+    print("  ratios (ratio of medians; per-repetition ratios in brackets):")
+    for label, (a, b) in {"ray_e2e/direct_cold": ("ray_e2e", "direct_cold"),
+                          "direct_warm/hf_gen": ("direct_warm", "hf_gen")}.items():
+        reps = ", ".join(f"{x:.2f}" for x in per_rep_ratios[label])
+        print(f"    {label:<22}{ratio(med.get(a), med.get(b)):>8}   [{reps}]")
+    counts = {name: sorted(set(v)) for name, v in tokens_seen.items()}
+    print(f"  new tokens per run: {counts} (requested {requested}; vLLM paths use the same per-row seeds)")
+    if "ray" in contenders:
+        import ray
+
+        ray.shutdown()  # first, so that our own Ray processes are not counted as "other" below
+        time.sleep(2)
+    print(load_line("end") + " (the load average includes this benchmark's own work)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Judges: given a trait, a human message and two responses in an order, P(the first is better).
+
+`ModelJudge` asks a model (by default the policy itself: self-ranking) a multiple-choice question and
+reads the next-token probabilities of the option letters from vLLM — a single prefill, no parsing of
+generated text. `RuleJudge` applies a fixed rule with the same interface, so tests and learning checks
+can run the whole pipeline against a known preference from config alone.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from character.config import Config, EngineConfig, FewShotExample, JudgeConfig, RankConfig, RuleConfig
+
+ANSWER_PREFIX = "Answer:"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    trait: str  # the trait as shown: statement and clarification
+    message: str
+    first: str  # shown as (A)
+    second: str  # shown as (B)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def _question(trait: str, message: str, a: str, b: str, limit: int) -> str:
+    return (
+        f"Trait of an AI assistant:\n{trait}\n\nHuman message:\n{_cut(message, limit)}\n\n"
+        f"Response (A):\n{_cut(a, limit)}\n\nResponse (B):\n{_cut(b, limit)}\n\n"
+        "Which response better shows the trait?"
+    )
+
+
+def comparison_prompt(c: Comparison, rank: RankConfig) -> str:
+    """The user turn of a comparison, with optional few-shot examples and a chain-of-thought request."""
+    shots = "".join(
+        _question(ex.trait or c.trait, ex.message, ex.response_a, ex.response_b, rank.max_response_chars)
+        + f"\n{ANSWER_PREFIX} {ex.answer}\n\n---\n\n"
+        for ex in rank.few_shot
+    )
+    ask = (" Think it through in a few sentences, then end with 'Answer: A' or 'Answer: B'."
+           if rank.chain_of_thought else " Answer with A or B.")
+    return shots + _question(c.trait, c.message, c.first, c.second, rank.max_response_chars) + ask
+
+
+def option_token_ids(tokenizer) -> dict[str, list[int]]:
+    """Token ids that spell each option right after 'Answer:' — both 'A' and ' A' where the tokenizer
+    has them as single tokens (most BPE vocabularies have the spaced form)."""
+    options: dict[str, list[int]] = {}
+    for letter in ("A", "B"):
+        ids = []
+        for variant in (letter, " " + letter):
+            encoded = tokenizer.encode(variant, add_special_tokens=False)
+            if len(encoded) == 1 and encoded[0] not in ids:
+                ids.append(encoded[0])
+        if not ids:
+            raise ValueError(f"tokenizer has no single token for option {letter!r}")
+        options[letter] = ids
+    if set(options["A"]) & set(options["B"]):
+        raise ValueError("option tokens for A and B overlap")
+    return options
+
+
+def p_first_from_logprobs(logprobs: dict[int, float], options: dict[str, list[int]]) -> float:
+    """Normalised P(A) over the option tokens only."""
+    mass = {k: sum(math.exp(logprobs[i]) for i in ids if i in logprobs) for k, ids in options.items()}
+    total = mass["A"] + mass["B"]
+    return mass["A"] / total if total > 0 else 0.5
+
+
+class RuleJudge:
+    def __init__(self, rule: RuleConfig):
+        self.rule = rule
+        self.words = {w.casefold() for w in rule.words}
+        self.name = f"rule:{rule.type}"
+
+    def score(self, text: str) -> float:
+        words = _WORD.findall(text.casefold())
+        if self.rule.type == "keywords":
+            return float(sum(w in self.words for w in words))
+        return -abs(len(words) - self.rule.target_words)
+
+    def prob_first(self, comparisons: list[Comparison]) -> list[float | None]:
+        out = []
+        for c in comparisons:
+            z = (self.score(c.first) - self.score(c.second)) / self.rule.temperature
+            out.append(1.0 / (1.0 + math.exp(-z)))
+        return out
+
+
+class ModelJudge:
+    def __init__(self, model_name: str, dtype: str, engine: EngineConfig, rank: RankConfig, seed: int):
+        from character.engine import create_llm
+        from character.models import load_tokenizer
+
+        self.llm = create_llm(model_name, dtype, engine, seed)
+        self.tokenizer = load_tokenizer(model_name)
+        self.options = option_token_ids(self.tokenizer)
+        self.engine, self.rank, self.seed = engine, rank, seed
+        self.name = f"model:{model_name}"
+
+    def _chat_prefix(self, c: Comparison) -> str:
+        messages = [{"role": "user", "content": comparison_prompt(c, self.rank)}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _reasoning(self, prefixes: list[str], fits: list[bool]) -> list[str]:
+        from vllm import SamplingParams
+
+        idx = [i for i, ok in enumerate(fits) if ok]
+        params = SamplingParams(max_tokens=self.rank.cot_max_tokens, temperature=0.0, stop=[ANSWER_PREFIX])
+        outs = self.llm.generate([{"prompt_token_ids": self._encode(prefixes[i])} for i in idx], params,
+                                 use_tqdm=False)
+        reasoning = [""] * len(prefixes)
+        for i, out in zip(idx, outs):
+            reasoning[i] = out.outputs[0].text.rstrip() + "\n"
+        return reasoning
+
+    def prob_first(self, comparisons: list[Comparison]) -> list[float | None]:
+        """P(A) per comparison; None where the prompt cannot fit the model's context."""
+        from vllm import SamplingParams
+
+        prefixes = [self._chat_prefix(c) for c in comparisons]
+        budget = self.engine.max_model_len - 1 - (self.rank.cot_max_tokens if self.rank.chain_of_thought else 0)
+        fits = [len(self._encode(p)) + 4 <= budget for p in prefixes]
+        reasoning = self._reasoning(prefixes, fits) if self.rank.chain_of_thought else [""] * len(prefixes)
+        ids = [self._encode(p + r + ANSWER_PREFIX) for p, r in zip(prefixes, reasoning)]
+        todo = [i for i, ok in enumerate(fits) if ok and len(ids[i]) < self.engine.max_model_len]
+        option_ids = [t for v in self.options.values() for t in v]
+        # One prefill and one sampled token; the log-probabilities of exactly the option tokens come back.
+        params = SamplingParams(max_tokens=1, temperature=1.0, seed=self.seed, logprob_token_ids=option_ids)
+        outs = self.llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params, use_tqdm=False)
+        result: list[float | None] = [None] * len(comparisons)
+        for i, out in zip(todo, outs):
+            lp = {tok: v.logprob for tok, v in out.outputs[0].logprobs[0].items()}
+            result[i] = p_first_from_logprobs(lp, self.options)
+        return result
+
+
+def build_judge(config: Config):
+    judge: JudgeConfig = config.judge
+    if judge.kind == "rule":
+        return RuleJudge(judge.rule)
+    return ModelJudge(judge.model or config.model.name, config.model.dtype, config.engine, config.rank,
+                      config.run.seed)
+
+
+def judge_name(config: Config) -> str:
+    if config.judge.kind == "rule":
+        return f"rule:{config.judge.rule.type}"
+    return f"model:{config.judge.model or config.model.name}"
+
+
+__all__ = ["Comparison", "ModelJudge", "RuleJudge", "build_judge", "comparison_prompt", "option_token_ids",
+           "p_first_from_logprobs", "FewShotExample"]

@@ -1,0 +1,182 @@
+"""Stage `rank`: the model ranks its own candidates against the trait → soft-labelled preference pairs.
+
+Per message: set aside empty and identical candidates; compare the rest pairwise (all pairs for K <= 4,
+else random opponents), each pair in both orders; soft label = mean P(first better) over the orders;
+aggregate into a ranking; emit pairs, setting aside ties. Each batch writes its pairs, comparisons and
+set-aside rows under one key, then a commit record; a rerun prunes parts without a commit record and
+skips committed messages.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pyarrow as pa
+
+from character import schemas
+from character.config import Config, RankConfig
+from character.judge import Comparison, build_judge, judge_name
+from character.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
+                               mean_win_scores, soft_label)
+from character.runtime import StageResult, Timer, batch_key, consume_counts, init_ray, skip_or_reset, without_done
+from character.runtime import write_resolved_config
+from character.store import StageOutput, require_complete, stable_id
+from character.traits import Constitution, load_constitution
+
+STAGE = "preferences"
+WORK = "_work"
+
+
+def _reject(rows: list, row_id: str, trait: str, reason: str, text: str, detail: str | None = None) -> None:
+    rows.append({"row_id": row_id, "trait": trait, "reason": reason, "text": text, "detail": detail})
+
+
+def rank_rows(rows: list[dict], judge, rank: RankConfig, trait_texts: dict[str, str], judge_label: str) -> dict:
+    """Responses rows → {"pairs", "comparisons", "rejected"} row lists. Pure but for the judge call."""
+    plans, comparisons = [], []
+    out = {"pairs": [], "comparisons": [], "rejected": []}
+    for row in rows:
+        mid, trait = row["message_id"], row["trait"]
+        kept, seen = [], set()
+        for idx, text in enumerate(row["candidates"]):
+            norm = text.strip()
+            reason = "empty_candidate" if not norm else "identical_candidate" if norm in seen else None
+            if reason:
+                _reject(out["rejected"], stable_id(mid, "candidate", str(idx)), trait, reason, text)
+                continue
+            seen.add(norm)
+            kept.append(idx)
+        pairs = [(kept[a], kept[b]) for a, b in comparison_pairs(len(kept), rank.scheme, rank.opponents, mid)]
+        plans.append((row, kept, pairs, len(comparisons)))
+        for i, j in pairs:
+            cand = row["candidates"]
+            comparisons.append(Comparison(trait_texts[trait], row["prompt"], cand[i], cand[j]))
+            comparisons.append(Comparison(trait_texts[trait], row["prompt"], cand[j], cand[i]))
+    probs = judge.prob_first(comparisons) if comparisons else []
+
+    for row, kept, pairs, start in plans:
+        mid, trait, cand = row["message_id"], row["trait"], row["candidates"]
+        labels, q = {}, {}
+        for n, (i, j) in enumerate(pairs):
+            q_ij, q_ji = probs[start + 2 * n], probs[start + 2 * n + 1]
+            if q_ij is None or q_ji is None:
+                _reject(out["rejected"], stable_id(mid, str(i), str(j)), trait, "judge_prompt_too_long", row["prompt"])
+                continue
+            q[(i, j)] = (q_ij, q_ji)
+            labels[(i, j)] = soft_label(q_ij, q_ji)
+            out["comparisons"].append({"message_id": mid, "trait": trait, "i": i, "j": j, "q_ij": q_ij,
+                                       "q_ji": q_ji, "label": labels[(i, j)]})
+        if not labels:
+            continue
+        # Rank over local indices so the score helpers see 0..k-1.
+        local = {c: n for n, c in enumerate(kept)}
+        local_labels = {(local[i], local[j]): p for (i, j), p in labels.items()}
+        scorer = bradley_terry_scores if rank.aggregate == "bradley_terry" else mean_win_scores
+        scores = scorer(len(kept), local_labels)
+        for lc, lr, p in choose_pairs(len(kept), local_labels, scores, rank.pairs, rank.aggregate):
+            c, r = kept[lc], kept[lr]
+            q_cr = q.get((c, r))
+            p_ab, p_ba = (q_cr if q_cr else tuple(reversed(q[(r, c)])) if (r, c) in q else (math.nan, math.nan))
+            label = clamp(p, rank.clamp)
+            if abs(label - 0.5) < rank.tie_margin:
+                _reject(out["rejected"], stable_id(mid, str(c), str(r)), trait, "tie", row["prompt"],
+                        f"p={label:.4f} p_ab={p_ab:.4f} p_ba={p_ba:.4f}")
+                continue
+            out["pairs"].append({
+                "pair_id": stable_id(mid, cand[c], cand[r]), "message_id": mid, "trait": trait,
+                "prompt": row["prompt"], "chosen": cand[c], "rejected": cand[r], "p_chosen": label,
+                "p_ab": p_ab, "p_ba": p_ba, "judge": judge_label,
+                "chosen_score": scores[lc], "rejected_score": scores[lr],
+            })
+    return out
+
+
+class RankWorker:
+    """Ray Data actor holding one judge; writes each batch's outputs itself and returns counts."""
+
+    def __init__(self, config_json: str, constitution_json: str):
+        self.config = Config.model_validate_json(config_json)
+        constitution = Constitution.model_validate_json(constitution_json)
+        self.trait_texts = {t.name: t.describe() for t in constitution.traits}
+        self.judge = build_judge(self.config)
+        self.judge_label = judge_name(self.config)
+        self.out = StageOutput(self.config.run.output_dir, STAGE)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        result = rank_rows(rows, self.judge, self.config.rank, self.trait_texts, self.judge_label)
+        key = batch_key([r["message_id"] for r in rows])
+        for sub, schema, name in (("comparisons", schemas.COMPARISONS, "comparisons"),
+                                  ("rejected", schemas.REJECTED, "rejected"), ("", schemas.PREFERENCES, "pairs")):
+            if result[name]:
+                self.out.write_part(pa.Table.from_pylist(result[name], schema=schema), *([sub] if sub else []), key=key)
+        # The commit record goes last: parts under a key without one are pruned on resume.
+        self.out.write_part(pa.table({"message_id": [r["message_id"] for r in rows]}, schema=schemas.DONE), WORK, key=key)
+        drops = Counter(r["reason"] for r in result["rejected"])
+        return pa.table({"rows_in": [len(rows)], "rows_out": [len(result["pairs"])],
+                         "drops": [",".join(f"{k}:{v}" for k, v in drops.items())], "new_tokens": [0]})
+
+
+def pool_args(config: Config) -> dict:
+    from character.engine import actor_pool_args
+
+    if config.judge.kind == "model":
+        return actor_pool_args(config.engine)
+    import ray.data
+
+    return dict(compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.engine.actors.max),
+                batch_size=config.engine.batch_size, num_cpus=0.5, batch_format="pyarrow")
+
+
+def compute_stats(out: StageOutput) -> dict:
+    comps = out.read("comparisons", schema=schemas.COMPARISONS, columns=["q_ij", "q_ji"])
+    pairs = out.read(schema=schemas.PREFERENCES, columns=["trait", "p_chosen"])
+    drops = Counter(out.read("rejected", schema=schemas.REJECTED, columns=["reason"]).column("reason").to_pylist())
+    return label_stats(comps.column("q_ij").to_pylist(), comps.column("q_ji").to_pylist(),
+                       pairs.column("p_chosen").to_pylist(), Counter(pairs.column("trait").to_pylist()), drops)
+
+
+def run(config: Config, force: bool = False) -> StageResult:
+    out = StageOutput(config.run.output_dir, STAGE)
+    responses = StageOutput(config.run.output_dir, "responses")
+    if (skipped := skip_or_reset(out, force)) is not None:
+        return skipped
+    require_complete(responses, "rank")
+    constitution = load_constitution(config.traits.path)
+    write_resolved_config(config)
+    init_ray(config.ray)
+    import ray.data
+
+    result = StageResult(STAGE, out.uri)
+    with Timer() as timer:
+        committed = out.part_keys(WORK)
+        for sub in ((), ("comparisons",), ("rejected",)):
+            out.prune_parts(committed, *sub)
+        done = sorted(out.ids("message_id", WORK))
+        total = responses.success_info().get("rows_out")
+        ds = (
+            ray.data.read_parquet(responses.part_files(), schema=schemas.RESPONSES, filesystem=responses._fs()[0])
+            .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
+            .map_batches(RankWorker, fn_constructor_kwargs=dict(config_json=config.model_dump_json(),
+                                                                constitution_json=constitution.model_dump_json()),
+                         **pool_args(config))
+        )
+        consume_counts(ds, "rank", None if total is None else total - len(done))
+    stats = compute_stats(out)
+    result.seconds = timer.seconds
+    result.rows_in = len(out.ids("message_id", WORK))
+    result.rows_out = sum(stats["pairs_per_trait"].values())
+    result.drops = Counter(stats["drops"])
+    result.extra = {"judge": judge_name(config), **stats}
+    out.write_json("stats.json", result.summary())
+    out.mark_success(result.summary())
+    print(format_stats(stats), flush=True)
+    return result
+
+
+def format_stats(stats: dict) -> str:
+    oc, pb = stats["order_consistency"], stats["position_bias_mean_p_first"]
+    hist = " ".join(str(c) for c in stats["label_histogram"]["counts"])
+    return (f"[rank] comparisons {stats['comparisons']}, order consistency "
+            f"{'n/a' if oc is None else f'{oc:.3f}'}, mean P(first) {'n/a' if pb is None else f'{pb:.3f}'}, "
+            f"label histogram [{hist}], pairs per trait {stats['pairs_per_trait']}, drops {stats['drops']}")
