@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=64,
                    help="prompts per HF generate call (x n sequences with num_return_sequences)")
     p.add_argument("--object-store-mb", type=int, default=1024, help="object store of the local Ray")
+    p.add_argument("--ray-logs", action="store_true", help="forward Ray worker logs (vLLM warnings) to the driver")
     p.add_argument("--traits", default=str(ROOT / "configs" / "traits" / "constitution.yaml"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=["direct", "hf"], help=argparse.SUPPRESS)  # subprocess mode
@@ -208,7 +209,8 @@ def start_ray(args) -> float:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=4, object_store_memory=args.object_store_mb * 1024 * 1024)
+    # Worker logs are not forwarded by default (they interleave with the tables); actor errors still raise.
+    ray.init(num_cpus=4, object_store_memory=args.object_store_mb * 1024 * 1024, log_to_driver=args.ray_logs)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -259,7 +261,7 @@ def other_pythons() -> list[str]:
         try:
             if proc.info["pid"] in mine or "python" not in (proc.info["name"] or "").lower():
                 continue
-            cmd = " ".join(proc.info["cmdline"] or [])
+            cmd = " ".join(proc.info["cmdline"] or []) or "(no command line: exiting or zombie)"
             found.append(f"{proc.info['pid']}: {cmd[:90]}")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -294,6 +296,10 @@ def describe(name: str, r: dict) -> str:
     return f"load {r['load_s']:.1f}s (import transformers + tokenizer + weights; not timed) + gen {r['gen_s']:.1f}s; process {r['process_s']:.1f}s"
 
 
+def fmt(tokens_per_s: float) -> str:
+    return f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.1f}"
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
@@ -321,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     if "ray" in contenders:
         seconds = start_ray(args)
         print(f"Ray: local ray.init(num_cpus=4, object_store_memory={args.object_store_mb} MB) started ONCE before "
-              f"the repetitions in {seconds:.1f}s (not timed); each Ray repetition includes actor start-up.")
+              f"the repetitions in {seconds:.1f}s (not timed; it idles while the other contenders run); each Ray "
+              f"repetition includes actor start-up. Worker logs {'forwarded' if args.ray_logs else 'off (--ray-logs)'}.")
     print(flush=True)
 
     per_metric: dict[str, list[float]] = {}
@@ -340,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             for key, value in metrics(name, r).items():
                 per_metric.setdefault(key, []).append(value)
                 rep_metrics[key] = value
-                print(f"  {key:<12}{r['tokens']:>8}{r['samples']:>9}{value:>10.0f}  {detail}", flush=True)
+                print(f"  {key:<12}{r['tokens']:>8}{r['samples']:>9}{fmt(value):>10}  {detail}", flush=True)
                 detail = '"'
         if "ray_e2e" in rep_metrics and "direct_cold" in rep_metrics:
             per_rep_ratios["ray_e2e/direct_cold"].append(rep_metrics["ray_e2e"] / rep_metrics["direct_cold"])
@@ -350,8 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n=== medians over {args.reps} repetition(s) (tokens/s; quote these, with the load below)")
     med = {k: statistics.median(v) for k, v in per_metric.items()}
     for key, values in per_metric.items():
-        print(f"  {key:<12}{med[key]:>10.0f}   runs: {', '.join(f'{v:.0f}' for v in values)}")
-    print("  ratios (ratio of medians; per-repetition ratios in brackets):")
+        print(f"  {key:<12}{fmt(med[key]):>10}   runs: {', '.join(fmt(v) for v in values)}")
+    print("  ratios of tokens/s (ratio of medians; per-repetition ratios in brackets; < 1: the first is slower):")
     for label, (a, b) in {"ray_e2e/direct_cold": ("ray_e2e", "direct_cold"),
                           "direct_warm/hf_gen": ("direct_warm", "hf_gen")}.items():
         reps = ", ".join(f"{x:.2f}" for x in per_rep_ratios[label])

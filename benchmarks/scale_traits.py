@@ -133,7 +133,8 @@ def load_line(label: str) -> str:
         for proc in psutil.process_iter(["pid", "name", "cmdline"]):
             try:
                 if proc.info["pid"] not in mine and "python" in (proc.info["name"] or "").lower():
-                    others.append(f"{proc.info['pid']}: {' '.join(proc.info['cmdline'] or [])[:90]}")
+                    cmd = " ".join(proc.info["cmdline"] or []) or "(no command line: exiting or zombie)"
+                    others.append(f"{proc.info['pid']}: {cmd[:90]}")
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         text += f"; {len(others)} other python process(es)"
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  driver peak memory {large}/{small}: {mem_ratio:.3f}  (limit {MEMORY_LIMIT}) {verdict}")
         print(f"  wall time {large}/{small}: {time_ratio:.2f} (trait ratio {large / small:.0f}); marginal "
               f"{marginal:.4f} s per extra trait, fixed part ~{fixed:.1f} s (Ray + actor start-up)")
+        if marginal <= 0:
+            print("  (a non-positive marginal time means fixed costs and noise dominate: use larger sizes or --reps)")
     print(load_line("end") + " (the load average includes this benchmark's own work)")
 
 

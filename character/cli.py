@@ -18,16 +18,20 @@ STAGES = {
     "synthesize": "character.stages.synthesize",
     "respond": "character.stages.respond",
     "rank": "character.stages.rank",
+    "train-pm": "character.stages.train_pm",
 }
 
 
 # `character run` goes through these in order, skipping stages whose output is complete.
-PIPELINE = ["synthesize", "respond", "rank"]
+PIPELINE = ["synthesize", "respond", "rank", "train-pm"]
 
 
 def validate(config: Config) -> None:
     """Checks that need more than the config file itself, still before any compute."""
     load_constitution(config.traits.path)
+    from character.train_common import read_deepspeed_json
+
+    read_deepspeed_json(config.train.deepspeed_config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ the file and the dotted field before any compute starts.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,6 +162,34 @@ class JudgeConfig(Strict):
         return self
 
 
+class TrainConfig(Strict):
+    """Ray Train + DeepSpeed settings shared by the preference-model and PPO stages."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)  # OpenMP threads per CPU worker follow this
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    max_failures: int = Field(1, ge=-1)  # Ray Train FailureConfig: restarts from the latest checkpoint
+    checkpoint_every: int = Field(20, ge=1)  # steps
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class PMConfig(Strict):
+    base_model: str | None = None  # None: the policy model (model.name)
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    micro_batch_size: int = Field(8, ge=1)  # pairs per worker per micro-batch
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, ge=8)
+    margin: float = Field(0.0, ge=0)
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    eval_every: int = Field(0, ge=0)  # steps; 0: at each checkpoint and at the end
+    max_nonfinite_in_row: int = Field(3, ge=1)
+    calibration_bins: int = Field(5, ge=1)
+
+
 class Config(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -171,9 +200,20 @@ class Config(Strict):
     respond: RespondConfig = Field(default_factory=RespondConfig)
     rank: RankConfig = Field(default_factory=RankConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pm: PMConfig = Field(default_factory=PMConfig)
 
     # Where the YAML came from; relative paths in the config resolve against the working directory.
     source: str | None = None
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Config:
+        # Ray workers run in other directories: local paths are made absolute where the command runs.
+        if "://" not in self.run.output_dir:
+            self.run.__dict__["output_dir"] = os.path.abspath(self.run.output_dir)
+        self.traits.__dict__["path"] = os.path.abspath(self.traits.path)
+        self.train.__dict__["deepspeed_config"] = os.path.abspath(self.train.deepspeed_config)
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

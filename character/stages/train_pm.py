@@ -1,0 +1,240 @@
+"""Stage `train-pm`: a preference model (sequence classifier, one logit) trained on the soft-labelled
+pairs with a Bradley-Terry loss, by Ray Train workers each running a DeepSpeed ZeRO engine.
+
+Checkpoints (DeepSpeed's own: weights, optimizer, step, guard counters, RNG) go through
+`ray.train.report`; `FailureConfig` restarts lost workers from the latest one, and rerunning the stage
+with the same run directory resumes from it. The data position is the step (see pm_data).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections import defaultdict
+
+from character import schemas
+from character.config import Config
+from character.runtime import StageResult, Timer, init_ray, skip_or_reset, write_resolved_config
+from character.store import StageOutput, require_complete, split_uri
+
+STAGE = "pm"
+
+
+def pm_metrics(r_chosen: list[float], r_rejected: list[float], p: list[float], traits: list[str],
+               margin: float, bins: int) -> dict:
+    """Held-out loss, accuracy, mean reward margin, per-trait accuracy and calibration (accuracy by
+    confidence bucket, confidence = sigma(|r_c - r_r|) in [0.5, 1])."""
+    import torch
+
+    from character.losses import bradley_terry_loss
+
+    rc, rr, pp = (torch.tensor(x, dtype=torch.float64) for x in (r_chosen, r_rejected, p))
+    delta = rc - rr
+    correct = (delta > 0).tolist()
+    per_trait: dict[str, list[int]] = defaultdict(list)
+    for t, c in zip(traits, correct):
+        per_trait[t].append(c)
+    buckets = [{"lo": 0.5 + 0.5 * b / bins, "hi": 0.5 + 0.5 * (b + 1) / bins, "n": 0, "correct": 0}
+               for b in range(bins)]
+    for d, c in zip(delta.tolist(), correct):
+        conf = 1.0 / (1.0 + math.exp(-abs(d)))
+        b = buckets[min(int((conf - 0.5) * 2 * bins), bins - 1)]
+        b["n"] += 1
+        b["correct"] += c
+    for b in buckets:
+        b["accuracy"] = b["correct"] / b["n"] if b["n"] else None
+    return {
+        "eval_loss": float(bradley_terry_loss(rc, rr, pp, margin)) if len(p) else float("nan"),
+        "eval_accuracy": sum(correct) / len(correct) if correct else float("nan"),
+        "eval_mean_margin": float(delta.mean()) if len(p) else float("nan"),
+        "eval_pairs": len(p),
+        "per_trait_accuracy": {t: sum(v) / len(v) for t, v in sorted(per_trait.items())},
+        "calibration": buckets,
+    }
+
+
+def _load_pairs(output_dir: str, eval_fraction: float, seed: int):
+    from character.pm_data import is_held_out, validate_pairs
+
+    rows = StageOutput(output_dir, "preferences").read(schema=schemas.PREFERENCES).to_pylist()
+    good, bad = validate_pairs(rows)
+    train = [r for r in good if not is_held_out(r["message_id"], eval_fraction, seed)]
+    held = [r for r in good if is_held_out(r["message_id"], eval_fraction, seed)]
+    return train, held, bad
+
+
+def _rewards(engine, tokenizer, rows, side: str, max_length: int):
+    import torch
+
+    from character.pm_data import encode_response, pad_batch
+
+    ids, mask = pad_batch([encode_response(tokenizer, r["prompt"], r[side], max_length) for r in rows],
+                          tokenizer.pad_token_id)
+    device = next(engine.module.parameters()).device
+    return engine(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.squeeze(-1).float()
+
+
+def _evaluate(engine, tokenizer, held, cfg, rank, world) -> dict:
+    """Every rank scores an equal-sized shard (ZeRO-3 forwards are collectives), results all-gathered."""
+    import torch
+    import torch.distributed as dist
+
+    per_rank = math.ceil(len(held) / world) if held else 0
+    mine = [held[min(i, len(held) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)] if held else []
+    results = []
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, per_rank, cfg.micro_batch_size):
+            chunk = mine[start : start + cfg.micro_batch_size]
+            rc = _rewards(engine, tokenizer, chunk, "chosen", cfg.max_length).tolist()
+            rr = _rewards(engine, tokenizer, chunk, "rejected", cfg.max_length).tolist()
+            results += [(rank * per_rank + start + k, a, b) for k, (a, b) in enumerate(zip(rc, rr))]
+    engine.train()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    by_index = {i: (a, b) for part in gathered for i, a, b in part if i < len(held)}
+    order = sorted(by_index)
+    return pm_metrics([by_index[i][0] for i in order], [by_index[i][1] for i in order],
+                      [held[i]["p_chosen"] for i in order], [held[i]["trait"] for i in order],
+                      cfg.margin, cfg.calibration_bins)
+
+
+def train_loop(loop_config: dict) -> None:
+    import deepspeed
+    import numpy as np
+    import ray.train
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from character import pm_data
+    from character.losses import bradley_terry_loss
+    from character.models import load_tokenizer, resolve_model
+    from character.train_common import (NonFiniteGuard, all_agree, build_under_zero, deepspeed_config,
+                                        full_state_dict, is_finite, maybe_inject_fault, restore, save_and_report,
+                                        setup_distributed, tensorboard_writer)
+
+    config = Config.model_validate(loop_config["config"])
+    cfg, seed = config.pm, config.run.seed
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    setup_distributed(config.train.use_gpu)
+    torch.manual_seed(seed)
+    base = cfg.base_model or config.model.name
+    tokenizer = load_tokenizer(base)
+    train, held, _ = _load_pairs(config.run.output_dir, cfg.eval_fraction, seed)
+    ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world)
+    model = build_under_zero(lambda: AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(base), num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32), ds)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+
+    state = restore({"pm": engine}) or {"step": 0, "guard": [0, 0], "last_metrics": {}}
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
+    guard = NonFiniteGuard(cfg.max_nonfinite_in_row, *state["guard"])
+    per_epoch = pm_data.steps_per_epoch(len(train), world, cfg.micro_batch_size, cfg.grad_accum)
+    if per_epoch == 0:
+        raise ValueError(f"{len(train)} training pairs are fewer than one global batch "
+                         f"({world} workers x {cfg.micro_batch_size} x {cfg.grad_accum})")
+    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    writer = tensorboard_writer(config, STAGE) if rank == 0 else None
+    metrics = state["last_metrics"]
+    for step in range(state["step"], total):
+        maybe_inject_fault(step)
+        epoch, in_epoch = divmod(step, per_epoch)
+        order = pm_data.epoch_order(len(train), epoch, seed)
+        losses = []
+        skipped_before = engine.skipped_steps
+        for m in range(cfg.grad_accum):
+            rows = [train[i] for i in pm_data.micro_batch_indices(order, in_epoch, m, rank, world,
+                                                                   cfg.micro_batch_size, cfg.grad_accum)]
+            rc = _rewards(engine, tokenizer, rows, "chosen", cfg.max_length)
+            rr = _rewards(engine, tokenizer, rows, "rejected", cfg.max_length)
+            p = torch.tensor([r["p_chosen"] for r in rows], dtype=torch.float32)
+            loss = bradley_terry_loss(rc, rr, p, cfg.margin)
+            if not guard.update(all_agree(is_finite(loss)), step, "loss"):
+                break  # skipped on every rank: no backward, no optimizer step
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        else:
+            # In fp32 ZeRO skips a step whose gradient norm is not finite; count it like a bad loss.
+            guard.update(engine.skipped_steps == skipped_before, step, "gradient norm")
+        if writer and losses:
+            writer.add_scalar("pm/train_loss", float(np.mean(losses)), step + 1)
+        done = step + 1
+        if done % config.train.checkpoint_every == 0 or done == total:
+            if cfg.eval_every == 0 or done == total:
+                metrics = _evaluate(engine, tokenizer, held, cfg, rank, world)
+            client = {"step": done, "guard": [guard.in_row, guard.total], "last_metrics": metrics,
+                      "rng": torch.get_rng_state()}
+            report = {"step": done, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                      "skipped_steps": guard.total, **{k: v for k, v in metrics.items() if isinstance(v, float)}}
+            save_and_report({"pm": engine}, client, report)
+            if writer:
+                for k, v in report.items():
+                    writer.add_scalar(f"pm/{k}", v, done)
+        elif cfg.eval_every and done % cfg.eval_every == 0:
+            metrics = _evaluate(engine, tokenizer, held, cfg, rank, world)
+
+    weights = full_state_dict(engine)
+    if rank == 0:
+        _export(config, model, weights, tokenizer, {**metrics, "steps": total, "skipped_steps": guard.total,
+                                                     "train_pairs": len(train), "eval_pairs_total": len(held)})
+        if writer:
+            writer.close()
+
+
+def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> None:
+    """save_pretrained (safetensors) + tokenizer + metrics.json into <run>/pm, atomically (temp + rename)."""
+    from transformers import AutoModelForSequenceClassification
+
+    fs, final = split_uri(StageOutput(config.run.output_dir, STAGE).uri)
+    local_tmp = os.path.join(os.path.dirname(final) if "://" not in config.run.output_dir else "/tmp",
+                             f".pm-export-{uuid.uuid4().hex[:8]}")
+    clean = AutoModelForSequenceClassification.from_config(model.config)
+    clean.load_state_dict(weights)
+    clean.save_pretrained(local_tmp, safe_serialization=True)
+    tokenizer.save_pretrained(local_tmp)
+    with open(os.path.join(local_tmp, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    if "://" in config.run.output_dir:
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(local_tmp, final, destination_filesystem=fs)
+        shutil.rmtree(local_tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(local_tmp, final)
+
+
+def run(config: Config, force: bool = False) -> StageResult:
+    out = StageOutput(config.run.output_dir, STAGE)
+    if force:
+        StageOutput(config.run.output_dir, os.path.join("_train", STAGE)).reset()
+    if (skipped := skip_or_reset(out, force)) is not None:
+        return skipped
+    require_complete(StageOutput(config.run.output_dir, "preferences"), "train-pm")
+    train, held, bad = _load_pairs(config.run.output_dir, config.pm.eval_fraction, config.run.seed)
+    if not held:
+        raise ValueError(f"pm.eval_fraction={config.pm.eval_fraction} left no held-out pairs out of {len(train)}")
+    write_resolved_config(config)
+    init_ray(config.ray)
+    from character.train_common import trainer_for
+
+    result = StageResult(STAGE, out.uri, rows_in=len(train) + len(held) + len(bad))
+    with Timer() as timer:
+        trainer_for(config, train_loop, {"config": config.model_dump(mode="json")}, STAGE).fit()
+    metrics = out.read_json("metrics.json")
+    result.seconds = timer.seconds
+    result.rows_out = len(train)
+    result.drops.update(r["reason"] for r in bad)
+    result.extra = {k: metrics.get(k) for k in ("eval_loss", "eval_accuracy", "eval_mean_margin", "steps",
+                                                "skipped_steps")}
+    out.mark_success(result.summary())
+    print(f"[train-pm] held-out accuracy {metrics['eval_accuracy']:.3f}, loss {metrics['eval_loss']:.4f}, "
+          f"mean margin {metrics['eval_mean_margin']:.3f} over {metrics['eval_pairs']} pairs; "
+          f"per trait {metrics['per_trait_accuracy']}", flush=True)
+    return result

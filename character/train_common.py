@@ -1,0 +1,192 @@
+"""Ray Train + DeepSpeed plumbing shared by the preference-model and PPO stages."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from character.config import Config, TrainConfig
+from character.store import join_uri, split_uri
+
+CKPT_TAG = "ckpt"
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Counts skipped steps (non-finite loss, or a non-finite gradient norm that DeepSpeed skipped) and
+    stops the run after `max_in_row` consecutive ones, naming the step."""
+
+    def __init__(self, max_in_row: int, in_row: int = 0, total: int = 0):
+        self.max_in_row, self.in_row, self.total = max_in_row, in_row, total
+
+    def update(self, ok: bool, step: int, what: str) -> bool:
+        if ok:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteError(f"step {step}: {what} was not finite for {self.in_row} steps in a row "
+                                 f"({self.total} skipped in all); stopping (limit {self.max_in_row})")
+        return False
+
+
+def read_deepspeed_json(path: str) -> dict:
+    from character.config import ConfigError
+
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config (field 'train.deepspeed_config'): {exc}") from None
+    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: field 'zero_optimization.stage' must be 0-3, got {stage!r}")
+    return ds
+
+
+def deepspeed_config(train: TrainConfig, micro: int, accum: int, world: int) -> dict:
+    ds = read_deepspeed_json(train.deepspeed_config)
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = micro * accum * world
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def setup_distributed(use_gpu: bool) -> None:
+    import deepspeed
+
+    if not use_gpu:
+        # Every init_distributed would JIT-compile the shm comm op (~80 s) that ZeRO over gloo never uses.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray Train's group
+
+
+def build_under_zero(factory, ds: dict):
+    """Construct a HF model so that ZeRO-3 partitions it at creation. The HfDeepSpeedConfig object must
+    stay alive while the model is built (a bare deepspeed.zero.Init() fails on HF models here)."""
+    if zero_stage(ds) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds)
+        model = factory()
+        model._character_hf_ds_config = keep_alive
+        return model
+    return factory()
+
+
+def all_agree(flag: bool) -> bool:
+    """True only if every rank says True (a skipped step must be skipped everywhere)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def is_finite(x) -> bool:
+    return math.isfinite(float(x))
+
+
+def save_and_report(engines: dict, client_state: dict, metrics: dict) -> None:
+    """Each rank writes its DeepSpeed shards to a local temp dir; Ray Train merges them into one checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    tmp = tempfile.mkdtemp(prefix="character-ckpt-")
+    try:
+        for name, engine in engines.items():
+            engine.save_checkpoint(os.path.join(tmp, name), tag=CKPT_TAG, client_state=client_state)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore(engines: dict) -> dict | None:
+    """Load the latest Ray Train checkpoint into the engines; returns its client state (None: fresh run)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    state = None
+    with checkpoint.as_directory() as folder:
+        for name, engine in engines.items():
+            _, client = engine.load_checkpoint(os.path.join(folder, name), tag=CKPT_TAG)
+            state = client if state is None else state
+    return state
+
+
+def full_state_dict(engine):
+    """Full fp32 weights on every rank (gathering ZeRO-3 partitions; a collective: call on all ranks)."""
+    import deepspeed
+
+    model = engine.module
+    if zero_stage(engine.config) == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def trainer_for(config: Config, train_loop, loop_config: dict, name: str):
+    """A TorchTrainer whose RunConfig(name, storage_path) makes a rerun resume from its latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = config.train
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=train_storage(config),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+        ),
+    )
+
+
+def train_storage(config: Config) -> str:
+    uri = join_uri(config.run.output_dir, "_train")
+    return uri if "://" in uri else split_uri(uri)[1]
+
+
+def maybe_inject_fault(step: int) -> None:
+    """Fault tests: CHARACTER_FAULT_STEP=N kills this worker process once when it reaches step N
+    (a marker file under CHARACTER_FAULT_DIR makes it fire only once across restarts)."""
+    target = os.environ.get("CHARACTER_FAULT_STEP")
+    if target is None or int(target) != step:
+        return
+    marker = Path(os.environ.get("CHARACTER_FAULT_DIR", tempfile.gettempdir())) / f"fault-fired-{step}"
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0 and not marker.exists():
+        marker.write_text("fired")
+        os._exit(1)
+
+
+def tensorboard_writer(config: Config, name: str):
+    """A TensorBoard writer on rank 0 for local output dirs (None elsewhere)."""
+    if "://" in config.run.output_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=os.path.join(config.run.output_dir, "tensorboard", name))
