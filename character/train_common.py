@@ -169,17 +169,19 @@ def train_storage(config: Config) -> str:
     return uri if "://" in uri else split_uri(uri)[1]
 
 
-def maybe_inject_fault(step: int) -> None:
-    """Fault tests: CHARACTER_FAULT_STEP=N kills this worker process once when it reaches step N
-    (a marker file under CHARACTER_FAULT_DIR makes it fire only once across restarts)."""
-    target = os.environ.get("CHARACTER_FAULT_STEP")
-    if target is None or int(target) != step:
+def maybe_inject_fault(config: Config, step: int) -> None:
+    """Fault drills and tests: a file `<run>/_train/inject_fault.json` holding {"step": N} makes rank 0
+    kill its own process (os._exit, as a crash would) on reaching step N; the file is consumed first so
+    the fault fires once. Checked only for local run directories."""
+    if "://" in config.run.output_dir:
         return
-    marker = Path(os.environ.get("CHARACTER_FAULT_DIR", tempfile.gettempdir())) / f"fault-fired-{step}"
+    path = Path(config.run.output_dir) / "_train" / "inject_fault.json"
+    if not path.is_file():
+        return
     import ray.train
 
-    if ray.train.get_context().get_world_rank() == 0 and not marker.exists():
-        marker.write_text("fired")
+    if ray.train.get_context().get_world_rank() == 0 and json.loads(path.read_text()).get("step") == step:
+        path.unlink()
         os._exit(1)
 
 

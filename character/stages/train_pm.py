@@ -142,7 +142,7 @@ def train_loop(loop_config: dict) -> None:
     writer = tensorboard_writer(config, STAGE) if rank == 0 else None
     metrics = state["last_metrics"]
     for step in range(state["step"], total):
-        maybe_inject_fault(step)
+        maybe_inject_fault(config, step)
         epoch, in_epoch = divmod(step, per_epoch)
         order = pm_data.epoch_order(len(train), epoch, seed)
         losses = []

@@ -1,0 +1,63 @@
+import math
+
+import pytest
+
+from character.models import load_tokenizer
+from character.pm_data import (encode_response, epoch_order, is_held_out, micro_batch_indices, pad_batch,
+                               steps_per_epoch, validate_pairs)
+from character.stages.train_pm import pm_metrics
+from character.train_common import NonFiniteError, NonFiniteGuard
+
+
+def test_held_out_split_is_by_message_and_stable():
+    ids = [f"m{i}" for i in range(2000)]
+    held = [is_held_out(m, 0.2, 0) for m in ids]
+    assert 0.17 < sum(held) / len(ids) < 0.23
+    assert held == [is_held_out(m, 0.2, 0) for m in ids]
+
+
+def test_every_example_once_per_epoch_across_ranks_and_micro_batches():
+    n, world, micro, accum = 50, 2, 3, 2
+    order = epoch_order(n, epoch=1, seed=7)
+    per = steps_per_epoch(n, world, micro, accum)
+    assert per == 4
+    seen = [i for s in range(per) for m in range(accum) for r in range(world)
+            for i in micro_batch_indices(order, s, m, r, world, micro, accum)]
+    assert len(seen) == len(set(seen)) == per * world * micro * accum
+    assert list(epoch_order(n, 1, 7)) == list(order) and list(epoch_order(n, 2, 7)) != list(order)
+
+
+def test_bad_pairs_are_set_aside_with_a_reason():
+    good, bad = validate_pairs([{"p_chosen": 0.7, "chosen": "a", "rejected": "b"},
+                                {"p_chosen": math.nan, "chosen": "a", "rejected": "b"},
+                                {"p_chosen": 0.9, "chosen": " ", "rejected": "b"}])
+    assert len(good) == 1 and [b["reason"] for b in bad] == ["bad_p_chosen", "empty_response"]
+
+
+def test_encoding_truncates_safely_and_ends_with_eos():
+    tok = load_tokenizer("tiny-llama")
+    short = encode_response(tok, "hi", "hello there", 64)
+    assert short[-1] == tok.eos_token_id and tok.decode(short).startswith("<|im_start|>user\nhi")
+    long = encode_response(tok, "why " * 200, "because " * 200, 64)
+    assert len(long) == 64 and long[-1] == tok.eos_token_id
+    assert "assistant" in tok.decode(long)  # the prompt keeps its end, next to the response
+    ids, mask = pad_batch([short, long], tok.pad_token_id)
+    assert ids.shape == (2, 64) and int(mask[0].sum()) == len(short) and int(ids[0, -1]) == tok.pad_token_id
+
+
+def test_pm_metrics_by_hand():
+    m = pm_metrics([2.0, 0.0, 1.0], [0.0, 1.0, 0.9], [1.0, 1.0, 0.6], ["a", "a", "b"], 0.0, bins=2)
+    assert m["eval_accuracy"] == pytest.approx(2 / 3)
+    assert m["per_trait_accuracy"] == {"a": 0.5, "b": 1.0}
+    assert m["eval_mean_margin"] == pytest.approx((2.0 - 1.0 + 0.1) / 3)
+    # confidences sigma(2)=0.88, sigma(1)=0.73 (wrong), sigma(0.1)=0.52 -> buckets [0.5,0.75), [0.75,1]
+    assert [(b["n"], b["correct"]) for b in m["calibration"]] == [(2, 1), (1, 1)]
+
+
+def test_guard_skips_and_stops_after_too_many_in_a_row():
+    guard = NonFiniteGuard(max_in_row=2)
+    assert guard.update(False, 3, "loss") is False
+    assert guard.update(True, 4, "loss") is True and guard.in_row == 0
+    guard.update(False, 5, "loss")
+    with pytest.raises(NonFiniteError, match="step 6: loss was not finite for 2 steps in a row"):
+        guard.update(False, 6, "loss")
