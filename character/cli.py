@@ -19,11 +19,12 @@ STAGES = {
     "respond": "character.stages.respond",
     "rank": "character.stages.rank",
     "train-pm": "character.stages.train_pm",
+    "train-ppo": "character.stages.train_ppo",
 }
 
 
 # `character run` goes through these in order, skipping stages whose output is complete.
-PIPELINE = ["synthesize", "respond", "rank", "train-pm"]
+PIPELINE = ["synthesize", "respond", "rank", "train-pm", "train-ppo"]
 
 
 def validate(config: Config) -> None:

@@ -190,6 +190,36 @@ class PMConfig(Strict):
     calibration_bins: int = Field(5, ge=1)
 
 
+class PPOConfig(Strict):
+    reward: Literal["pm", "rule"] = "pm"  # the trained preference model, or judge.rule's score
+    critic_init: Literal["pm", "policy"] = "pm"
+    iterations: int = Field(20, ge=1)
+    prompts_per_iteration: int = Field(32, ge=1)  # global; must divide evenly over train.num_workers
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=32)
+    )
+    max_prompt_tokens: int = Field(192, ge=8)  # longer prompts are cut from the left
+    ppo_epochs: int = Field(2, ge=1)
+    minibatch_size: int = Field(8, ge=1)  # sequences per worker per optimizer step
+    lr: float = Field(1e-5, gt=0)
+    critic_lr: float = Field(1e-5, gt=0)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_target: float | None = Field(None, gt=0)  # None: fixed coefficient; else adaptive towards this KL
+    kl_horizon: int = Field(10000, ge=1)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    whiten_advantages: bool = True
+    truncation_penalty: float = 0.0  # added to the score of a response cut off at max_tokens
+    eval_fraction: float = Field(0.1, gt=0, lt=1)  # held-out messages (by message_id), never trained on
+    eval_prompts: int = Field(32, ge=1)
+    eval_every: int = Field(5, ge=1)
+    rollout_engines: int = Field(1, ge=1)
+    max_nonfinite_in_row: int = Field(3, ge=1)
+
+
 class Config(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -202,6 +232,7 @@ class Config(Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pm: PMConfig = Field(default_factory=PMConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
     # Where the YAML came from; relative paths in the config resolve against the working directory.
     source: str | None = None
@@ -217,6 +248,10 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if self.ppo.prompts_per_iteration % self.train.num_workers:
+            raise ValueError("ppo.prompts_per_iteration must be a multiple of train.num_workers")
+        if self.ppo.sampling.max_tokens + self.ppo.max_prompt_tokens > self.engine.max_model_len:
+            raise ValueError("ppo.max_prompt_tokens + ppo.sampling.max_tokens must fit engine.max_model_len")
         if self.synthesize.min_chars > self.synthesize.max_chars:
             raise ValueError("synthesize.min_chars must be <= synthesize.max_chars")
         return self

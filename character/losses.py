@@ -12,3 +12,76 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p_chose
     p = 1 gives the usual -log sigma(r_c - r_r); the margin m asks each side to win by at least m."""
     delta = r_chosen - r_rejected
     return -(p_chosen * F.logsigmoid(delta - margin) + (1.0 - p_chosen) * F.logsigmoid(-delta - margin)).mean()
+
+
+def kl_per_token(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimates from sampled tokens (Schulman's k1 / k3).
+    k1 = log p - log q (unbiased, can be negative); k3 = (r - 1) - log r with r = q / p (unbiased, >= 0)."""
+    log_ratio = logp_ref - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over right-padded sequences [batch, T] (mask 1 on real tokens).
+    The value after the last real token is 0 (the episode ends). Returns (advantages, returns)."""
+    batch, length = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(batch, dtype=rewards.dtype)
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < length else torch.zeros(batch, dtype=values.dtype)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < length else 0.0)
+        advantages[:, t] = last * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip: float):
+    """PPO's clipped surrogate; returns (loss, clip fraction)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clip_frac
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """0.5 * max((V - R)^2, (V_old + clip(V - V_old) - R)^2), masked mean."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    resid = returns - values
+    var_e = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
+    return float(1.0 - var_e / var_r) if var_r > 0 else float("nan")
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s proportional controller: moves beta so the measured KL tracks a target."""
+
+    def __init__(self, beta: float, target: float | None, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta

@@ -23,7 +23,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 TOKENIZER_VOCAB = 2048
-MODEL_FORMAT_VERSION = 1  # bump to rebuild cached models after a change here
+MODEL_FORMAT_VERSION = 3  # bump to rebuild cached models after a change here
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,16 @@ class RandomModelSpec:
     tie_word_embeddings: bool
     max_position_embeddings: int = 2048
     seed: int = 0
+    # Logit given to eos at every position (None: no bias). A random model otherwise almost never emits
+    # eos, so every response runs to max_tokens; with a bias, lengths vary like a real model's and
+    # length-based rules (and PPO against them) have something to act on.
+    eos_logit: float | None = None
 
 
 # head_dim is 64 everywhere: vLLM's CPU attention kernels support it.
 BUILTIN_MODELS: dict[str, RandomModelSpec] = {
-    "tiny-llama": RandomModelSpec("llama", 128, 2, 2, 1, 256, tie_word_embeddings=False),
-    "tiny-qwen2": RandomModelSpec("qwen2", 128, 2, 2, 1, 256, tie_word_embeddings=True),
+    "tiny-llama": RandomModelSpec("llama", 128, 2, 2, 1, 256, tie_word_embeddings=False, eos_logit=6.0),
+    "tiny-qwen2": RandomModelSpec("qwen2", 128, 2, 2, 1, 256, tie_word_embeddings=True, eos_logit=6.0),
     "random-llama-5m": RandomModelSpec("llama", 256, 4, 4, 4, 688, tie_word_embeddings=False),
     "random-llama-25m": RandomModelSpec("llama", 512, 6, 8, 8, 1376, tie_word_embeddings=False),
     "random-qwen2-100m": RandomModelSpec("qwen2", 768, 12, 12, 12, 2304, tie_word_embeddings=True),
@@ -127,9 +131,30 @@ def build_random_model(name: str, spec: RandomModelSpec, target: Path) -> None:
     )
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config)
+    if spec.eos_logit is not None:
+        bias_eos(model, eos, spec.eos_logit)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos)
     model.save_pretrained(str(target), safe_serialization=True)
     (target / "character_model.json").write_text(json.dumps({"builtin": name, **asdict(spec)}, indent=2))
+
+
+def bias_eos(model, eos: int, logit: float) -> None:
+    """Give eos a roughly constant logit: hidden dimension 0 of every token embedding is set to 1, which
+    survives the (small, random) layers and the final RMSNorm as a near-constant h0 ~ sqrt(hidden); the
+    output head reads dimension 0 only for eos. With tied embeddings every row gets the same constant
+    (softmax-invariant) and eos a little more."""
+    import torch
+
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        emb[:, 0] = 1.0
+        h0 = float(model.config.hidden_size) ** 0.5
+        if head.data_ptr() == emb.data_ptr():
+            emb[eos, 0] = 1.0 + logit / h0
+        else:
+            head[:, 0] = 0.0
+            head[eos, 0] = logit / h0
 
 
 def resolve_model(name: str) -> str:

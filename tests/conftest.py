@@ -34,6 +34,6 @@ def tiny_config(output_dir: Path | str, *overrides: str):
                        [f"run.output_dir={output_dir}", f"traits.path={REPO / 'configs/traits/tiny.yaml'}", *overrides])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_config():
     return tiny_config

@@ -34,3 +34,72 @@ def test_margin_asks_each_side_to_win_by_m():
     expected = -(0.8 * ls(1.0 - 0.5) + 0.2 * ls(-1.0 - 0.5))
     assert float(bradley_terry_loss(rc, rr, p, margin=0.5)) == pytest.approx(expected, rel=1e-6)
     assert float(bradley_terry_loss(rc, rr, p, margin=0.5)) > float(bradley_terry_loss(rc, rr, p))
+
+
+from character.losses import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
+                              gae, kl_per_token, whiten)
+
+
+def test_gae_and_returns_by_hand():
+    # one sequence of 3 tokens, gamma=0.9, lambda=0.8; values after the end are 0
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.6, 0.7]])
+    m = torch.ones(1, 3)
+    d2 = 1.0 - 0.7
+    d1 = 0.0 + 0.9 * 0.7 - 0.6
+    d0 = 0.0 + 0.9 * 0.6 - 0.5
+    a2 = d2
+    a1 = d1 + 0.9 * 0.8 * a2
+    a0 = d0 + 0.9 * 0.8 * a1
+    adv, ret = gae(r, v, m, 0.9, 0.8)
+    assert adv[0].tolist() == pytest.approx([a0, a1, a2])
+    assert ret[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.6, a2 + 0.7])
+
+
+def test_gae_stops_at_padding():
+    r = torch.tensor([[0.0, 2.0, 5.0]])
+    v = torch.tensor([[1.0, 1.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0]])  # last position is padding
+    adv, ret = gae(r, v, m, 1.0, 1.0)
+    assert adv[0].tolist() == pytest.approx([2.0 - 1.0, 2.0 - 1.0, 0.0])
+    assert ret[0, 2] == 0.0
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert kl_per_token(logp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
+    k3 = [math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]
+    assert kl_per_token(logp, ref, "k3").tolist() == pytest.approx(k3)
+    assert all(x >= 0 for x in kl_per_token(logp, ref, "k3").tolist())
+    with pytest.raises(ValueError):
+        kl_per_token(logp, ref, "k2")
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    m = torch.ones(1, 3)
+    loss, frac = clipped_policy_loss(logp, old, adv, m, clip=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped); token 2: max(-2.2, -2.2)
+    assert float(loss) == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert float(frac) == pytest.approx(2 / 3)
+
+
+def test_clipped_value_loss_by_hand():
+    v, old, ret, m = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.1]]), torch.tensor([[3.0, 0.0]]), torch.ones(1, 2)
+    # token 0: max((2-3)^2, (1.2-3)^2) = 3.24; token 1: max(0, (0.0-0)^2) = 0
+    assert float(clipped_value_loss(v, old, ret, m, clip=0.2)) == pytest.approx(0.5 * (3.24 + 0.0) / 2)
+
+
+def test_whiten_and_explained_variance():
+    x, m = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = whiten(x, m)
+    assert float((w * m).sum()) == pytest.approx(0.0, abs=1e-6) and float(w[0, 3]) == 0.0
+    assert explained_variance(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]), torch.ones(1, 2)) == 1.0
+
+
+def test_adaptive_kl_moves_towards_target():
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    assert ctl.update(kl=3.0, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    assert AdaptiveKLController(0.1, None, 100).update(5.0, 10) == 0.1
