@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from character.config import Config, ConfigError, load_config
+from character.config import Config, ConfigError, check_stage_config, load_config
 from character.traits import load_constitution
 
 # stage command -> module with `run(config, force) -> StageResult`
@@ -20,16 +20,20 @@ STAGES = {
     "rank": "character.stages.rank",
     "train-pm": "character.stages.train_pm",
     "train-ppo": "character.stages.train_ppo",
+    "evaluate": "character.stages.evaluate",
+    "report": "character.stages.report",
 }
 
 
 # `character run` goes through these in order, skipping stages whose output is complete.
-PIPELINE = ["synthesize", "respond", "rank", "train-pm", "train-ppo"]
+PIPELINE = ["synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate", "report"]
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, stages: list[str]) -> None:
     """Checks that need more than the config file itself, still before any compute."""
     load_constitution(config.traits.path)
+    for stage in stages:
+        check_stage_config(config, stage)
     from character.train_common import read_deepspeed_json
 
     read_deepspeed_json(config.train.deepspeed_config)
@@ -52,15 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        validate(config)
+        names = PIPELINE if args.command == "run" else [args.command]
+        validate(config, names)
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2
-    names = PIPELINE if args.command == "run" else [args.command]
+    # Once a stage does work, every later stage is redone: its inputs have changed.
+    redo = args.force
+    worked = []
     for name in names:
         stage = importlib.import_module(STAGES[name])
         try:
-            result = stage.run(config, force=args.force)
+            result = stage.run(config, force=redo)
         except Exception as exc:
             if args.command != "run":
                 raise
@@ -68,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"stopped; fix the cause and rerun `character run` to resume from '{name}'", file=sys.stderr)
             return 1
         print(result.line(), flush=True)
+        if not result.skipped:
+            redo = True
+            worked.append(name)
+    if args.command == "run":
+        print("nothing to do: every stage is complete" if not worked else f"stages run: {', '.join(worked)}")
+        from character.store import StageOutput
+
+        print(f"report: {StageOutput(config.run.output_dir, 'report').path('index.html')}", flush=True)
     return 0
 
 

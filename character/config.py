@@ -220,6 +220,16 @@ class PPOConfig(Strict):
     max_nonfinite_in_row: int = Field(3, ge=1)
 
 
+class EvaluateConfig(Strict):
+    samples: int = Field(2, ge=1)  # responses per message and model
+    max_messages_per_trait: int = Field(16, ge=1)  # held-out messages per trait (never trained on)
+    adversarial_per_trait: int = Field(4, ge=0)  # synthesised messages that push the model off its character
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=1.0, max_tokens=48)
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)  # win rates; model None: the base model
+
+
 class Config(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -233,6 +243,7 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pm: PMConfig = Field(default_factory=PMConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     # Where the YAML came from; relative paths in the config resolve against the working directory.
     source: str | None = None
@@ -250,11 +261,18 @@ class Config(Strict):
     def _cross_checks(self) -> Config:
         if self.ppo.prompts_per_iteration % self.train.num_workers:
             raise ValueError("ppo.prompts_per_iteration must be a multiple of train.num_workers")
-        if self.ppo.sampling.max_tokens + self.ppo.max_prompt_tokens > self.engine.max_model_len:
-            raise ValueError("ppo.max_prompt_tokens + ppo.sampling.max_tokens must fit engine.max_model_len")
         if self.synthesize.min_chars > self.synthesize.max_chars:
             raise ValueError("synthesize.min_chars must be <= synthesize.max_chars")
         return self
+
+
+def check_stage_config(config: Config, stage: str) -> None:
+    """Constraints that only matter to one stage, checked before that stage (or `run`) starts."""
+    origin = config.source or "<config>"
+    if stage == "train-ppo" and config.ppo.sampling.max_tokens + config.ppo.max_prompt_tokens > config.engine.max_model_len:
+        raise ConfigError(f"{origin}: field 'ppo.max_prompt_tokens': {config.ppo.max_prompt_tokens} prompt tokens + "
+                          f"{config.ppo.sampling.max_tokens} new tokens do not fit engine.max_model_len "
+                          f"{config.engine.max_model_len}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:

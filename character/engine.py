@@ -107,6 +107,7 @@ def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: l
             results[i]["outputs"] = [c.text for c in out.outputs]
             results[i]["finish_reasons"] = [str(c.finish_reason or "length") for c in out.outputs]
             results[i]["new_tokens"] = sum(len(c.token_ids) for c in out.outputs)
+            results[i]["output_tokens"] = [len(c.token_ids) for c in out.outputs]
     return results
 
 
@@ -134,6 +135,7 @@ class ChatGenerator:
             .append_column("reject_reason", pa.array([r["reject_reason"] for r in results], pa.string()))
             .append_column("detail", pa.array([r.get("detail") for r in results], pa.string()))
             .append_column("new_tokens", pa.array([r.get("new_tokens", 0) for r in results], pa.int64()))
+            .append_column("output_tokens", pa.array([r.get("output_tokens", []) for r in results], pa.list_(pa.int64())))
         )
 
 

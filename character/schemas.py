@@ -73,3 +73,29 @@ COMPARISONS = pa.schema([
 
 # Per-batch commit record of a stage whose batch writes several parts (written last).
 DONE = pa.schema([pa.field("message_id", pa.string(), nullable=False)])
+
+# Evaluation: one row per message x model x sample.
+EVAL = pa.schema([
+    pa.field("message_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),  # held_out | adversarial
+    pa.field("model", pa.string(), nullable=False),  # base | trained
+    pa.field("sample", pa.int32(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("reward", pa.float64(), nullable=False),  # preference-model score
+    pa.field("n_words", pa.int32(), nullable=False),
+    pa.field("n_tokens", pa.int32(), nullable=False),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("win_prob", pa.float64(), nullable=False),  # P(this response beats the other model's same sample)
+])
+
+EVAL_GENERATIONS = pa.schema([
+    pa.field("message_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("outputs", pa.list_(pa.string()), nullable=False),
+    pa.field("finish_reasons", pa.list_(pa.string()), nullable=False),
+    pa.field("output_tokens", pa.list_(pa.int64()), nullable=False),
+])

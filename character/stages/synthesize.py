@@ -103,8 +103,10 @@ def write_clean(batch: pa.Table, out: StageOutput) -> pa.Table:
     return write_split(batch, out, "request_id", kept, rejected)
 
 
-def run(config: Config, force: bool = False) -> StageResult:
-    out = StageOutput(config.run.output_dir, STAGE)
+def run(config: Config, force: bool = False, *, stage: str = STAGE, kinds: list[str] | None = None,
+        per_trait: int | None = None, seed_questions: bool | None = None) -> StageResult:
+    """`stage`/`kinds`/`per_trait` let evaluation synthesise its own messages (e.g. adversarial ones)."""
+    out = StageOutput(config.run.output_dir, stage)
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     constitution = load_constitution(config.traits.path)
@@ -112,8 +114,10 @@ def run(config: Config, force: bool = False) -> StageResult:
     init_ray(config.ray)
     import ray.data
 
-    cfg = config.synthesize
-    result = StageResult(STAGE, out.uri)
+    cfg = config.synthesize.model_copy(update={k: v for k, v in {
+        "kinds": kinds, "messages_per_trait": per_trait, "include_seed_questions": seed_questions}.items()
+        if v is not None})
+    result = StageResult(stage, out.uri)
     with Timer() as timer:
         if cfg.include_seed_questions and any(t.questions for t in constitution.traits):
             out.write_part(seed_question_rows(constitution.traits), WORK, key="seed-questions")
@@ -122,7 +126,7 @@ def run(config: Config, force: bool = False) -> StageResult:
         traits = ray.data.from_items([{"trait_json": t.model_dump_json()} for t in constitution.traits])
         generated = (
             traits.flat_map(expand_requests, fn_kwargs=dict(per_trait=cfg.messages_per_trait, kinds=list(cfg.kinds),
-                                                           seed=config.run.seed))
+                                                           seed=config.run.seed + (0 if stage == STAGE else 7919)))
             .map_batches(without_done, fn_kwargs=dict(column="request_id", done=done), batch_format="pyarrow")
             .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
                 model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
@@ -130,7 +134,7 @@ def run(config: Config, force: bool = False) -> StageResult:
                 **actor_pool_args(config.engine))
             .map_batches(write_raw, fn_kwargs=dict(out=out), batch_format="pyarrow")
         )
-        _, _, _, new_tokens = consume_counts(generated, "synthesize: generate", total - len(done))
+        _, _, _, new_tokens = consume_counts(generated, f"{stage}: generate", total - len(done))
 
         out.clear()  # a clean-up phase cut short by a kill is redone whole: it is cheap and deterministic
         out.clear("rejected")
@@ -143,7 +147,7 @@ def run(config: Config, force: bool = False) -> StageResult:
                 num_perm=cfg.minhash_permutations, drop_truncated=cfg.drop_truncated))
             .map_batches(write_clean, fn_kwargs=dict(out=out), batch_format="pyarrow")
         )
-        result.rows_in, result.rows_out, result.drops, _ = consume_counts(cleaned, "synthesize: clean", None)
+        result.rows_in, result.rows_out, result.drops, _ = consume_counts(cleaned, f"{stage}: clean", None)
     result.seconds = timer.seconds
     per_trait = {}
     if result.rows_out:

@@ -102,6 +102,9 @@ def run(config: Config, force: bool = False) -> StageResult:
         StageOutput(config.run.output_dir, os.path.join("_train", STAGE)).reset()
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
+    from character.config import check_stage_config
+
+    check_stage_config(config, "train-ppo")
     require_complete(StageOutput(config.run.output_dir, "messages"), "train-ppo")
     if "pm" in (config.ppo.reward, config.ppo.critic_init):
         require_complete(StageOutput(config.run.output_dir, "pm"), "train-ppo")

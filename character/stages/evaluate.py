@@ -1,0 +1,214 @@
+"""Stage `evaluate`: how each trait changed the model's behaviour, base vs trained.
+
+On held-out messages (never trained on) and on adversarial ones synthesised for evaluation (pushing the
+model off its character), both models answer with the same sampling settings and seeds; every response
+gets the preference model's score, and each trained/base pair of the same sample is judged in both
+orders. Output: eval/part-*.parquet (message x model x sample) and eval/summary.json per trait and split.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import pyarrow as pa
+
+from character import schemas
+from character.config import Config
+from character.runtime import StageResult, Timer, consume_counts, init_ray, skip_or_reset, write_resolved_config
+from character.store import StageOutput, require_complete, seed_from_id
+from character.traits import Constitution, load_constitution
+
+STAGE = "eval"
+ADVERSARIAL = "eval_messages"
+_WORD = re.compile(r"\w+")
+
+
+def eval_prompts(config: Config) -> list[dict]:
+    from character.stages.train_ppo import load_prompts
+
+    _, held = load_prompts(config)
+    per_trait: dict[str, int] = defaultdict(int)
+    rows = []
+    for r in held:
+        if per_trait[r["trait"]] < config.evaluate.max_messages_per_trait:
+            per_trait[r["trait"]] += 1
+            rows.append({**r, "split": "held_out"})
+    adversarial = StageOutput(config.run.output_dir, ADVERSARIAL)
+    if adversarial.complete() and adversarial.part_files():
+        for r in adversarial.read(schema=schemas.MESSAGES, columns=["message_id", "trait", "text"]).to_pylist():
+            rows.append({**r, "split": "adversarial"})
+    return rows
+
+
+def _with_chat(batch: pa.Table, seed: int) -> pa.Table:
+    seeds = [seed_from_id(m, seed) for m in batch.column("message_id").to_pylist()]  # same seeds for both models
+    return (batch.append_column("system", pa.array([""] * batch.num_rows, pa.string()))
+            .append_column("user", batch.column("text")).append_column("seed", pa.array(seeds, pa.int64())))
+
+
+def _write_generations(batch: pa.Table, out: StageOutput, label: str) -> pa.Table:
+    from character.runtime import batch_key
+
+    ok = batch.filter(pa.compute.is_null(batch.column("reject_reason")))
+    table = ok.select(schemas.EVAL_GENERATIONS.names).cast(schemas.EVAL_GENERATIONS)
+    if table.num_rows:
+        out.write_part(table, "_work", label, key=batch_key(table.column("message_id").to_pylist()))
+    return pa.table({"rows_in": [batch.num_rows], "rows_out": [table.num_rows],
+                     "drops": [f"prompt_too_long:{batch.num_rows - table.num_rows}" if batch.num_rows > table.num_rows
+                               else ""], "new_tokens": [0]})
+
+
+class EvalWorker:
+    """Holds the preference model (scores) and the judge (win probabilities); writes eval parts."""
+
+    def __init__(self, config_json: str, constitution_json: str):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from character.judge import build_judge, judge_name
+        from character.models import load_tokenizer
+
+        self.config = Config.model_validate_json(config_json)
+        self.traits = {t.name: t.describe() for t in Constitution.model_validate_json(constitution_json).traits}
+        judged = self.config.model_copy(update={"judge": self.config.evaluate.judge})
+        self.judge, self.judge_name = build_judge(judged), judge_name(judged)
+        self.tokenizer = load_tokenizer(self.config.model.name)
+        self.pm = AutoModelForSequenceClassification.from_pretrained(
+            StageOutput(self.config.run.output_dir, "pm").path(), dtype=torch.float32).eval()
+        self.out = StageOutput(self.config.run.output_dir, STAGE)
+
+    def _rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
+        import torch
+
+        from character.pm_data import encode_response, pad_batch
+
+        ids, mask = pad_batch([encode_response(self.tokenizer, p, r, self.config.pm.max_length)
+                               for p, r in zip(prompts, responses)], self.tokenizer.pad_token_id)
+        with torch.no_grad():
+            return self.pm(input_ids=ids, attention_mask=mask).logits.squeeze(-1).tolist()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from character.judge import Comparison
+        from character.ranking import soft_label
+        from character.runtime import batch_key
+
+        rows = batch.to_pylist()
+        comps, flat = [], []
+        for r in rows:
+            for s, (b, t) in enumerate(zip(r["base_outputs"], r["trained_outputs"])):
+                comps += [Comparison(self.traits[r["trait"]], r["text"], t, b),
+                          Comparison(self.traits[r["trait"]], r["text"], b, t)]
+                for model, text, fin, ntok in (("base", b, r["base_finish"][s], r["base_tokens"][s]),
+                                               ("trained", t, r["trained_finish"][s], r["trained_tokens"][s])):
+                    flat.append({"message_id": r["message_id"], "trait": r["trait"], "split": r["split"],
+                                 "model": model, "sample": s, "prompt": r["text"], "response": text,
+                                 "n_words": len(_WORD.findall(text)), "n_tokens": ntok, "finish_reason": fin})
+        probs = self.judge.prob_first(comps)
+        rewards = self._rewards([f["prompt"] for f in flat], [f["response"] for f in flat])
+        for k, f in enumerate(flat):
+            q_first, q_second = probs[2 * (k // 2)], probs[2 * (k // 2) + 1]
+            p_trained = 0.5 if q_first is None or q_second is None else soft_label(q_first, q_second)
+            f["win_prob"] = p_trained if f["model"] == "trained" else 1.0 - p_trained
+            f["reward"] = rewards[k]
+        if flat:
+            self.out.write_part(pa.Table.from_pylist(flat, schema=schemas.EVAL),
+                                key=batch_key([r["message_id"] for r in rows]))
+        return pa.table({"rows_in": [len(rows)], "rows_out": [len(flat)], "drops": [""], "new_tokens": [0]})
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per trait/split and overall per split: PM scores, paired score shift, win rates, lengths."""
+    from character.evalstats import mean_ci, paired_delta_ci, win_rates
+
+    def block(subset: list[dict]) -> dict:
+        pairs = defaultdict(dict)
+        for r in subset:
+            pairs[(r["message_id"], r["sample"])][r["model"]] = r
+        both = [p for p in pairs.values() if "base" in p and "trained" in p]
+        base_r, trained_r = [p["base"]["reward"] for p in both], [p["trained"]["reward"] for p in both]
+        base_l, trained_l = [p["base"]["n_words"] for p in both], [p["trained"]["n_words"] for p in both]
+        soft, hard = win_rates([p["trained"]["win_prob"] for p in both])
+        return {"n_messages": len({p["base"]["message_id"] for p in both}), "n_samples": len(both),
+                "pm_base": mean_ci(base_r), "pm_trained": mean_ci(trained_r),
+                "pm_delta": paired_delta_ci(trained_r, base_r), "win_rate": soft, "hard_win_rate": hard,
+                "length_base": mean_ci(base_l), "length_trained": mean_ci(trained_l),
+                "length_change": paired_delta_ci(trained_l, base_l)}
+
+    groups, splits = defaultdict(list), defaultdict(list)
+    for r in rows:
+        groups[(r["trait"], r["split"])].append(r)
+        splits[r["split"]].append(r)
+    return {
+        "groups": {f"{t}/{s}": {"trait": t, "split": s, **block(g)} for (t, s), g in sorted(groups.items())},
+        "overall": {s: {"split": s, **block(g)} for s, g in sorted(splits.items())},
+    }
+
+
+def run(config: Config, force: bool = False) -> StageResult:
+    out = StageOutput(config.run.output_dir, STAGE)
+    if force:
+        StageOutput(config.run.output_dir, ADVERSARIAL).reset()
+    if (skipped := skip_or_reset(out, force)) is not None:
+        return skipped
+    for needed in ("messages", "pm", "policy"):
+        require_complete(StageOutput(config.run.output_dir, needed), "evaluate")
+    constitution = load_constitution(config.traits.path)
+    write_resolved_config(config)
+    init_ray(config.ray)
+    import ray.data
+
+    from character.engine import ChatGenerator, actor_pool_args
+    from character.stages import synthesize
+    from character.stages.rank import pool_args
+
+    cfg = config.evaluate
+    result = StageResult(STAGE, out.uri)
+    with Timer() as timer:
+        if cfg.adversarial_per_trait:
+            synthesize.run(config, stage=ADVERSARIAL, kinds=["adversarial"], per_trait=cfg.adversarial_per_trait,
+                           seed_questions=False)
+        prompts = eval_prompts(config)
+        models = {"base": config.model.name, "trained": StageOutput(config.run.output_dir, "policy").path()}
+        for label, model in models.items():
+            done = out.ids("message_id", "_work", label)
+            todo = [p for p in prompts if p["message_id"] not in done]
+            if todo:
+                ds = (ray.data.from_items(todo).map_batches(_with_chat, fn_kwargs=dict(seed=config.run.seed),
+                                                            batch_format="pyarrow")
+                      .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
+                          model_name=model, dtype=config.model.dtype, engine=config.engine.model_dump(),
+                          sampling=cfg.sampling.model_copy(update={"n": cfg.samples}).model_dump(),
+                          seed=config.run.seed), **actor_pool_args(config.engine))
+                      .map_batches(_write_generations, fn_kwargs=dict(out=out, label=label), batch_format="pyarrow"))
+                consume_counts(ds, f"evaluate: {label}", len(todo))
+        gens = {label: {r["message_id"]: r for r in out.read("_work", label, schema=schemas.EVAL_GENERATIONS).to_pylist()}
+                for label in models}
+        scored = out.ids("message_id")
+        joined = [{**b, "base_outputs": b["outputs"], "base_finish": b["finish_reasons"], "base_tokens": b["output_tokens"],
+                   "trained_outputs": gens["trained"][m]["outputs"], "trained_finish": gens["trained"][m]["finish_reasons"],
+                   "trained_tokens": gens["trained"][m]["output_tokens"]}
+                  for m, b in sorted(gens["base"].items()) if m in gens["trained"] and m not in scored]
+        if joined:
+            judged = config.model_copy(update={"judge": cfg.judge})
+            ds = ray.data.from_items([{k: v for k, v in j.items() if k not in ("outputs", "finish_reasons",
+                                                                               "output_tokens")} for j in joined])
+            ds = ds.map_batches(EvalWorker, fn_constructor_kwargs=dict(
+                config_json=config.model_dump_json(), constitution_json=constitution.model_dump_json()),
+                **pool_args(judged))
+            consume_counts(ds, "evaluate: judge", len(joined))
+    rows = out.read(schema=schemas.EVAL).to_pylist()
+    summary = {"base_model": config.model.name, "trained_model": models["trained"], "samples": cfg.samples,
+               "judge": f"{cfg.judge.kind}:{cfg.judge.model or config.model.name}" if cfg.judge.kind == "model"
+               else f"rule:{cfg.judge.rule.type}", **summarise(rows)}
+    out.write_json("summary.json", summary)
+    result.seconds, result.rows_in, result.rows_out = timer.seconds, len(prompts), len(rows)
+    result.extra = {split: {k: v["mean"] if "mean" in v else v for k, v in s.items()
+                            if k in ("pm_delta", "win_rate", "length_change")}
+                    for split, s in summary["overall"].items()}
+    out.mark_success(result.summary())
+    for split, s in summary["overall"].items():
+        print(f"[evaluate] {split}: PM score {s['pm_base']['mean']:.3f} -> {s['pm_trained']['mean']:.3f} "
+              f"(shift {s['pm_delta']['mean']:+.3f} [{s['pm_delta']['lo']:+.3f}, {s['pm_delta']['hi']:+.3f}]), "
+              f"win rate {s['win_rate']['mean']:.3f} [{s['win_rate']['lo']:.3f}, {s['win_rate']['hi']:.3f}], "
+              f"length {s['length_base']['mean']:.1f} -> {s['length_trained']['mean']:.1f} words", flush=True)
+    return result
