@@ -165,13 +165,22 @@ class JudgeConfig(Strict):
 class TrainConfig(Strict):
     """Ray Train + DeepSpeed settings shared by the preference-model and PPO stages."""
 
-    num_workers: int = Field(2, ge=1)
+    # A number, or [min, max] for an elastic worker group (Ray Train V2 resizes it as nodes come and go;
+    # the global batch then scales with the workers present).
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)  # OpenMP threads per CPU worker follow this
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     max_failures: int = Field(1, ge=-1)  # Ray Train FailureConfig: restarts from the latest checkpoint
     checkpoint_every: int = Field(20, ge=1)  # steps
     keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _workers(self) -> TrainConfig:
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        if not 1 <= low <= high:
+            raise ValueError("num_workers must be >= 1 (or [min, max] with 1 <= min <= max)")
+        return self
 
 
 class PMConfig(Strict):
@@ -259,7 +268,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.ppo.prompts_per_iteration % self.train.num_workers:
+        if isinstance(self.train.num_workers, int) and self.ppo.prompts_per_iteration % self.train.num_workers:
             raise ValueError("ppo.prompts_per_iteration must be a multiple of train.num_workers")
         if self.synthesize.min_chars > self.synthesize.max_chars:
             raise ValueError("synthesize.min_chars must be <= synthesize.max_chars")

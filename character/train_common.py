@@ -152,7 +152,8 @@ def trainer_for(config: Config, train_loop, loop_config: dict, name: str):
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+        scaling_config=ScalingConfig(num_workers=train.num_workers if isinstance(train.num_workers, int)
+                                     else tuple(train.num_workers), use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=RunConfig(

@@ -130,7 +130,8 @@ def ppo_loop(loop_config: dict) -> None:
         t0 = now()
         epoch, offset = divmod(iteration * cfg.prompts_per_iteration, len(train))
         order = np.random.default_rng([seed, epoch]).permutation(len(train)).tolist()
-        batch = [train[order[(offset + k) % len(train)]] for k in range(cfg.prompts_per_iteration)][rank::world]
+        # Equal shares on every rank (ZeRO's collectives need the same number of steps everywhere).
+        batch = [train[order[(offset + k) % len(train)]] for k in range(per_rank * world)][rank::world]
         prompts = prompt_ids(batch)
         outs = ray.get(engine.generate.remote(prompts, iteration_seeds(batch, iteration, seed),
                                               cfg.sampling.model_dump()))

@@ -35,8 +35,6 @@ TIME_KEYS = ("time_generation", "time_scoring", "time_training", "time_sync")
 log = logging.getLogger("character")
 
 
-# ---------------------------------------------------------------- small helpers
-
 def _num(v) -> float:
     """A finite-or-NaN float from anything (None and non-numbers become NaN)."""
     try:
@@ -85,14 +83,13 @@ def _by_split(groups: dict, split: str) -> dict[str, dict]:
 
 
 def _err(stats: list[dict | None], key: str = "mean") -> tuple[list[float], list[list[float]]]:
-    """Means and asymmetric error bars (NaN-safe) from {mean|p, lo, hi} dicts."""
-    means, lo, hi = [], [], []
-    for s in stats:
-        m = _num((s or {}).get(key))
-        means.append(m)
-        lo.append(max(0.0, m - _num((s or {}).get("lo"))) if math.isfinite(m) else 0.0)
-        hi.append(max(0.0, _num((s or {}).get("hi")) - m) if math.isfinite(m) else 0.0)
-    return means, [[0.0 if not math.isfinite(x) else x for x in lo], [0.0 if not math.isfinite(x) else x for x in hi]]
+    """Means and asymmetric error bars (NaN-safe) from {mean, lo, hi} dicts."""
+    means = [_num((s or {}).get(key)) for s in stats]
+    half = [[_num((s or {}).get("lo")), _num((s or {}).get("hi"))] for s in stats]
+
+    def ok(x: float) -> float:
+        return x if math.isfinite(x) and x > 0 else 0.0
+    return means, [[ok(m - h[0]) for m, h in zip(means, half)], [ok(h[1] - m) for m, h in zip(means, half)]]
 
 
 def _no_data(ax, text: str = "no data") -> None:
@@ -101,47 +98,42 @@ def _no_data(ax, text: str = "no data") -> None:
     ax.set_yticks([])
 
 
-# ---------------------------------------------------------------- figures (plain dicts in, Figure out)
-
-def paired_bars_figure(groups: dict, field_a: str, field_b: str, ylabel: str, labels=("base", "trained")):
-    """Per-trait bars of two fields (e.g. pm_base / pm_trained) with CI error bars, one panel per split."""
+def _split_panels(groups: dict, height: float, draw):
+    """One panel per split over the same trait axis; draw(ax, traits, {trait: group}) fills it."""
     traits = _traits(groups)
-    fig, axes = _figure(_width(len(traits)), 3.6 * len(SPLITS), nrows=len(SPLITS))
+    fig, axes = _figure(_width(len(traits)), height * len(SPLITS), nrows=len(SPLITS))
     for ax, split in zip(axes, SPLITS):
         by = _by_split(groups, split)
         if not by:
             _no_data(ax, f"{split}: no data")
             continue
-        xs = list(range(len(traits)))
-        for off, field, label, color in ((-0.2, field_a, labels[0], "#8c8c8c"), (0.2, field_b, labels[1], "#1f77b4")):
-            means, err = _err([by.get(t, {}).get(field) for t in traits])
-            ax.bar([x + off for x in xs], means, 0.4, yerr=err, capsize=3, label=label, color=color)
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set_xticks(xs, traits, rotation=30, ha="right")
-        ax.set_ylabel(ylabel)
+        draw(ax, traits, by)
+        ax.set_xticks(range(len(traits)), traits, rotation=30, ha="right")
         ax.set_title(split)
         ax.legend(fontsize=8)
     return fig
+
+
+def paired_bars_figure(groups: dict, field_a: str, field_b: str, ylabel: str, labels=("base", "trained")):
+    """Per-trait bars of two fields (e.g. pm_base / pm_trained) with CI error bars, one panel per split."""
+    def draw(ax, traits, by):
+        for off, field, label, color in ((-0.2, field_a, labels[0], "#8c8c8c"), (0.2, field_b, labels[1], "#1f77b4")):
+            means, err = _err([by.get(t, {}).get(field) for t in traits])
+            ax.bar([x + off for x in range(len(traits))], means, 0.4, yerr=err, capsize=3, label=label, color=color)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_ylabel(ylabel)
+    return _split_panels(groups, 3.6, draw)
 
 
 def win_rate_figure(groups: dict):
     """Per-trait soft win rate of trained over base with CI and a 0.5 reference line, one panel per split."""
-    traits = _traits(groups)
-    fig, axes = _figure(_width(len(traits)), 3.4 * len(SPLITS), nrows=len(SPLITS))
-    for ax, split in zip(axes, SPLITS):
-        by = _by_split(groups, split)
-        if not by:
-            _no_data(ax, f"{split}: no data")
-            continue
+    def draw(ax, traits, by):
         means, err = _err([by.get(t, {}).get("win_rate") for t in traits])
         ax.bar(range(len(traits)), means, 0.6, yerr=err, capsize=3, color="#2ca02c")
         ax.axhline(0.5, color="red", ls="--", lw=1, label="0.5 (no preference)")
         ax.set_ylim(0, 1)
-        ax.set_xticks(range(len(traits)), traits, rotation=30, ha="right")
         ax.set_ylabel("P(trained better)")
-        ax.set_title(split)
-        ax.legend(fontsize=8)
-    return fig
+    return _split_panels(groups, 3.4, draw)
 
 
 def ppo_curves_figure(records: list[dict]):
@@ -252,8 +244,6 @@ def funnel_figure(messages: dict | None, responses: dict | None, preferences: di
         ax.set_title(title)
     return fig
 
-
-# ---------------------------------------------------------------- HTML pieces
 
 def numbers_html(pairs: list[tuple[str, object]]) -> str:
     def show(v) -> str:
@@ -375,8 +365,6 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
     return page, figures
 
 
-# ---------------------------------------------------------------- I/O and the stage
-
 def _read_text(output_dir: str, stage: str, name: str) -> str | None:
     out = StageOutput(output_dir, stage)
     fs, root = out._fs()
@@ -388,9 +376,8 @@ def _read_text(output_dir: str, stage: str, name: str) -> str | None:
 
 
 def _read_json(output_dir: str, stage: str, name: str) -> dict | None:
-    text = _read_text(output_dir, stage, name)
     try:
-        return json.loads(text) if text else None
+        return json.loads(_read_text(output_dir, stage, name) or "null")
     except ValueError:
         log.warning("[report] %s/%s is not valid JSON: section left out", stage, name)
         return None
