@@ -99,8 +99,11 @@ def build_comparisons(args, tokenizer, max_model_len: int, count: int, seed: int
     lines = [x.strip() for x in (ROOT / "character" / "assets" / "tokenizer_corpus.txt").read_text().splitlines()
              if x.strip()]
     rng, cot = random.Random(seed), RankConfig(chain_of_thought=True, cot_max_tokens=args.cot_max_tokens)
-    out = []
+    out, tries = [], 0
     while len(out) < count:
+        tries += 1
+        if tries > 50 * count + 100:
+            sys.exit(f"too few comparisons fit max_model_len {max_model_len} with --cot-max-tokens {args.cot_max_tokens}")
         c = Comparison(traits[len(out) % len(traits)], rng.choice(lines),
                        " ".join(rng.sample(lines, rng.randint(1, 2))), " ".join(rng.sample(lines, rng.randint(1, 2))))
         if len(chat_ids(tokenizer, c, cot)) + args.cot_max_tokens + 8 <= max_model_len:

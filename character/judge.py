@@ -136,7 +136,8 @@ class ModelJudge:
         todo = [i for i, ok in enumerate(fits) if ok and len(ids[i]) < self.engine.max_model_len]
         option_ids = [t for v in self.options.values() for t in v]
         # One prefill and one sampled token; the log-probabilities of exactly the option tokens come back.
-        params = SamplingParams(max_tokens=1, temperature=1.0, seed=self.seed, logprob_token_ids=option_ids)
+        # Greedy: no per-request sampler; the returned log-probs are the raw model's either way.
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=option_ids)
         outs = self.llm.generate([{"prompt_token_ids": ids[i]} for i in todo], params, use_tqdm=False)
         result: list[float | None] = [None] * len(comparisons)
         for i, out in zip(todo, outs):

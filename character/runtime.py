@@ -58,9 +58,11 @@ class StageResult:
 
 
 def skip_or_reset(out: StageOutput, force: bool) -> StageResult | None:
-    """A complete stage is skipped unless forced; a forced one starts from nothing."""
+    """A complete stage is skipped unless forced; a forced one starts from nothing, its Ray Train state
+    under `_train/<stage>` included."""
     if force:
         out.reset()
+        StageOutput(out.output_dir, f"_train/{out.stage}").reset()
     elif out.complete():
         return StageResult(out.stage, out.uri, skipped=True)
     return None

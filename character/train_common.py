@@ -140,6 +140,14 @@ def full_state_dict(engine):
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def plain_model_construction() -> None:
+    """End ZeRO-3's construct-time partitioning (HfDeepSpeedConfig): a model built afterwards, e.g. on
+    rank 0 alone for export, must not enter DeepSpeed's collectives."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def trainer_for(config: Config, train_loop, loop_config: dict, name: str):
     """A TorchTrainer whose RunConfig(name, storage_path) makes a rerun resume from its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -81,3 +81,9 @@ def test_cli_fails_before_ray_starts(tmp_path, repo, content, needle):
     assert proc.returncode == 2
     assert needle in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_cluster_config_validates(repo):
+    cfg = load_config(repo / "configs/cluster.yaml")
+    assert cfg.train.num_workers == (4, 8) and cfg.engine.actors.max == 16
+    assert cfg.run.output_dir.startswith("s3://")  # URIs stay URIs; local paths are made absolute

@@ -34,3 +34,22 @@ def test_win_rates_count_ties_as_half():
     soft, hard = win_rates([0.9, 0.7, 0.5, 0.2])
     assert soft["mean"] == pytest.approx(0.575)
     assert hard["wins"] == 2 and hard["ties"] == 1 and hard["p"] == pytest.approx(2.5 / 4)
+
+
+def test_summarise_pairs_samples_by_message_and_sample():
+    from character.stages.evaluate import summarise
+
+    def row(mid, model, sample, reward, words, win, split="held_out"):
+        return {"message_id": mid, "trait": "t", "split": split, "model": model, "sample": sample,
+                "reward": reward, "n_words": words, "win_prob": win}
+
+    rows = [row("a", "base", 0, 1.0, 10, 0.2), row("a", "trained", 0, 2.0, 8, 0.8),
+            row("b", "base", 0, 0.0, 4, 0.6), row("b", "trained", 0, 0.5, 6, 0.4),
+            row("c", "base", 0, 3.0, 5, 0.5, "adversarial"), row("c", "trained", 0, 3.0, 5, 0.5, "adversarial")]
+    s = summarise(rows)
+    held = s["groups"]["t/held_out"]
+    assert held["n_messages"] == 2 and held["n_samples"] == 2
+    assert held["pm_delta"]["mean"] == pytest.approx((1.0 + 0.5) / 2)
+    assert held["win_rate"]["mean"] == pytest.approx((0.8 + 0.4) / 2)
+    assert held["hard_win_rate"]["wins"] == 1 and held["length_change"]["mean"] == pytest.approx(0.0)
+    assert s["overall"]["adversarial"]["hard_win_rate"]["ties"] == 1

@@ -87,8 +87,6 @@ FAULT = ["pm.max_steps=12", "train.checkpoint_every=4", "pm.micro_batch_size=8"]
 
 
 def test_killed_worker_and_stopped_run_resume_to_the_same_loss(tmp_path, preferences, make_config):
-    from ray.train.base_trainer import TrainingFailedError  # noqa: F401  (import check only)
-
     plain = _run_dir(tmp_path / "plain", preferences)
     _, reference = _pm(plain, make_config, *FAULT)
 

@@ -51,7 +51,7 @@ def ppo_loop(loop_config: dict) -> None:
     from character.stages.train_ppo import STAGE, Scorer, _export, _frozen, iteration_seeds, load_prompts, now
     from character.store import StageOutput
     from character.train_common import (NonFiniteGuard, all_agree, build_under_zero, deepspeed_config,
-                                        full_state_dict, is_finite, maybe_inject_fault, restore, save_and_report,
+                                        full_state_dict, is_finite, plain_model_construction, maybe_inject_fault, restore, save_and_report,
                                         setup_distributed, tensorboard_writer)
 
     config = Config.model_validate(loop_config["config"])
@@ -204,6 +204,7 @@ def ppo_loop(loop_config: dict) -> None:
                             {k: v for k, v in record.items() if isinstance(v, (int, float))})
 
     weights = full_state_dict(policy)
+    plain_model_construction()
     if rank == 0:
         _export(config, weights, policy_model.config, tokenizer)
         if writer:

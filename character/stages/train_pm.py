@@ -66,8 +66,6 @@ def _load_pairs(output_dir: str, eval_fraction: float, seed: int):
 
 
 def _rewards(engine, tokenizer, rows, side: str, max_length: int):
-    import torch
-
     from character.pm_data import encode_response, pad_batch
 
     ids, mask = pad_batch([encode_response(tokenizer, r["prompt"], r[side], max_length) for r in rows],
@@ -112,7 +110,7 @@ def train_loop(loop_config: dict) -> None:
     from character.losses import bradley_terry_loss
     from character.models import load_tokenizer, resolve_model
     from character.train_common import (NonFiniteGuard, all_agree, build_under_zero, deepspeed_config,
-                                        full_state_dict, is_finite, maybe_inject_fault, restore, save_and_report,
+                                        full_state_dict, is_finite, plain_model_construction, maybe_inject_fault, restore, save_and_report,
                                         setup_distributed, tensorboard_writer)
 
     config = Config.model_validate(loop_config["config"])
@@ -180,6 +178,7 @@ def train_loop(loop_config: dict) -> None:
             metrics = _evaluate(engine, tokenizer, held, cfg, rank, world)
 
     weights = full_state_dict(engine)
+    plain_model_construction()
     if rank == 0:
         _export(config, model, weights, tokenizer, {**metrics, "steps": total, "skipped_steps": guard.total,
                                                      "train_pairs": len(train), "eval_pairs_total": len(held)})
@@ -212,8 +211,6 @@ def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> N
 
 def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
-    if force:
-        StageOutput(config.run.output_dir, os.path.join("_train", STAGE)).reset()
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     require_complete(StageOutput(config.run.output_dir, "preferences"), "train-pm")

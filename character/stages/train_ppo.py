@@ -98,8 +98,6 @@ def _export(config: Config, weights: dict, model_config, tokenizer) -> None:
 
 def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
-    if force:
-        StageOutput(config.run.output_dir, os.path.join("_train", STAGE)).reset()
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     from character.config import check_stage_config

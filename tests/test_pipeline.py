@@ -1,0 +1,157 @@
+"""The whole pipeline, end to end: submitted with `ray job submit` to a real local Ray cluster with token
+authentication (refused without the token; the cluster is shut down at the end, also on failure), then
+rerun with `character run`, which finds nothing to do, and redoes only what follows a deleted stage."""
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+# The tiny pipeline, made smaller still: every stage runs, each on a handful of rows.
+SMALL = ["synthesize.messages_per_trait=6", "respond.candidates=3", "ppo.eval_fraction=0.3", "pm.epochs=1", "pm.micro_batch_size=2",
+         "train.checkpoint_every=2", "ppo.iterations=2", "ppo.prompts_per_iteration=4", "ppo.minibatch_size=2",
+         "ppo.eval_prompts=4", "ppo.eval_every=2", "evaluate.max_messages_per_trait=1",
+         "evaluate.adversarial_per_trait=1", "evaluate.samples=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    token = secrets.token_hex(32)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(home)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+         "--object-store-memory=536870912", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head did not come up within 120 s")
+        yield url, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster's processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_submission_without_the_token_is_refused(token_cluster, tmp_path):
+    url, env = token_cluster
+    stranger = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    stranger["HOME"] = str(tmp_path / "nobody")  # no ~/.ray/auth_token either
+    refused = subprocess.run([RAY, "job", "submit", "--address", url, "--", "python", "-c", "print('hi')"],
+                             env=stranger, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "auth" in (refused.stdout + refused.stderr).lower()
+
+
+@pytest.fixture(scope="module")
+def submitted_run(token_cluster, tmp_path_factory, repo):
+    url, env = token_cluster
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", url, "--working-dir", str(repo), "--",
+         "python", "-m", "rayjobs.pipeline", "--config", "configs/tiny.yaml", f"run.output_dir={run_dir}", *SMALL],
+        env=env, capture_output=True, text=True, timeout=1500)
+    log = submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert submit.returncode == 0, log
+    assert "succeeded" in submit.stdout.lower(), log
+    jobs = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True, text=True)
+    assert "SUCCEEDED" in jobs.stdout
+    return run_dir
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.cells = {}, {}
+        self._key = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img" and a.get("id"):
+            self.images[a["id"]] = a.get("src", "")
+        if tag == "td" and a.get("data-key"):
+            self._key = a["data-key"]
+
+    def handle_data(self, data):
+        if self._key:
+            self.cells[self._key] = data.strip()
+            self._key = None
+
+
+def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
+    run_dir = submitted_run
+    for stage in ("messages", "responses", "preferences", "pm", "policy", "eval", "report"):
+        assert (run_dir / stage / "_SUCCESS").is_file(), stage
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert set(summary["overall"]) == {"held_out", "adversarial"}
+    page = _Page()
+    page.feed((run_dir / "report" / "index.html").read_text())
+    figures = {"fig-score-shift", "fig-win-rate", "fig-length", "fig-ppo-curves", "fig-ppo-time",
+               "fig-pm-calibration", "fig-ranking", "fig-funnel"}
+    assert figures <= set(page.images)
+    for fig in figures:
+        assert base64.b64decode(page.images[fig].split(",", 1)[1])[:4] == b"\x89PNG"
+    checked = 0
+    for key, text in page.cells.items():
+        group, field = key.split(".", 1)
+        block = summary["overall"][group.split("/")[1]] if group.startswith("overall/") else summary["groups"][group]
+        value = block
+        for part in field.split("."):
+            value = value[part]
+        if text not in ("n/a", "nan"):
+            assert text == f"{value:.4f}", key
+            checked += 1
+    assert checked >= 11
+
+
+def test_character_run_skips_complete_stages_and_redoes_after_a_deleted_one(submitted_run, repo):
+    import shutil
+
+    run_dir = submitted_run
+    cmd = [sys.executable, "-m", "character.cli", "run", "--config", str(repo / "configs/tiny.yaml"),
+           f"run.output_dir={run_dir}", *SMALL]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to do: every stage is complete" in again.stdout
+    assert "Started a local Ray instance" not in again.stdout + again.stderr  # no work, not even a Ray
+    before = {s: (run_dir / s / "_SUCCESS").stat().st_mtime for s in ("messages", "responses")}
+    shutil.rmtree(run_dir / "preferences")
+    redo = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
+    assert "stages run: rank, train-pm, train-ppo, evaluate, report" in redo.stdout
+    assert {s: (run_dir / s / "_SUCCESS").stat().st_mtime for s in before} == before
+    assert (run_dir / "report" / "_SUCCESS").is_file()
