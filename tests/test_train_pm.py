@@ -97,6 +97,7 @@ def test_killed_worker_and_stopped_run_resume_to_the_same_loss(tmp_path, prefere
     _, after_kill = _pm(killed, make_config, *FAULT, "train.max_failures=1")
     assert not (killed / "_train" / "inject_fault.json").exists()  # the fault really fired
     assert after_kill["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-3)
+    assert reference["resumed_from_step"] is None and after_kill["resumed_from_step"] == 4  # not from scratch
 
     # 2) no retries allowed: the run stops; running the stage again resumes from its checkpoint
     stopped = _run_dir(tmp_path / "stopped", preferences)
@@ -107,7 +108,7 @@ def test_killed_worker_and_stopped_run_resume_to_the_same_loss(tmp_path, prefere
     assert not StageOutput(str(stopped), "pm").complete()
     _, resumed = _pm(stopped, make_config, *FAULT, "train.max_failures=0")
     assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-3)
-    assert resumed["steps"] == 12
+    assert resumed["steps"] == 12 and resumed["resumed_from_step"] == 8
 
 
 def test_non_finite_losses_stop_the_run_naming_the_step(tmp_path, preferences, make_config):

@@ -129,6 +129,7 @@ def train_loop(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
     state = restore({"pm": engine}) or {"step": 0, "guard": [0, 0], "last_metrics": {}}
+    resumed_from = state["step"] or None
     if "rng" in state:
         torch.set_rng_state(state["rng"])
     guard = NonFiniteGuard(cfg.max_nonfinite_in_row, *state["guard"])
@@ -181,6 +182,7 @@ def train_loop(loop_config: dict) -> None:
     plain_model_construction()
     if rank == 0:
         _export(config, model, weights, tokenizer, {**metrics, "steps": total, "skipped_steps": guard.total,
+                                                     "resumed_from_step": resumed_from,
                                                      "train_pairs": len(train), "eval_pairs_total": len(held)})
         if writer:
             writer.close()
