@@ -26,7 +26,9 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    kwargs: dict = {}
+    # "local": a new Ray sized by this config, even when another cluster runs on the machine
+    # (plain ray.init() would join it); to use a cluster, name it in ray.address or RAY_ADDRESS.
+    kwargs: dict = {"address": "local"}
     if cfg.num_cpus is not None:
         kwargs["num_cpus"] = cfg.num_cpus  # logical CPUs: a 2-core box needs overcommit, see FEASIBILITY.md
     if cfg.object_store_memory_mb is not None:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -36,15 +37,14 @@ def _free_port() -> int:
 def token_cluster(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(home)}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    short_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's unix sockets need a short path
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={_free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
-         "--object-store-memory=536870912", f"--temp-dir={tmp_path / 'ray'}"],
+         "--object-store-memory=536870912", f"--temp-dir={short_tmp}"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
