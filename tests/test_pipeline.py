@@ -37,7 +37,10 @@ def _free_port() -> int:
 def token_cluster(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # The job's `python` is whatever the cluster's PATH finds: put this venv first, as a cluster image would
+    # (pytest runs as `.venv/bin/python -m pytest` without an activated venv).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     short_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's unix sockets need a short path
