@@ -113,9 +113,18 @@ def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: l
 
 class ChatGenerator:
     """Ray Data actor: rows with `system`, `user`, `seed` in; `outputs`, `finish_reasons`,
-    `reject_reason`, `detail`, `new_tokens` appended."""
+    `reject_reason`, `detail`, `new_tokens` appended.
 
-    def __init__(self, model_name: str, dtype: str, engine: dict, sampling: dict, seed: int):
+    `then(batch, **then_kwargs)`, when given, runs on the generated batch inside the actor and its result
+    is returned instead (the stages commit their parts there). Why not a separate `map_batches` after it:
+    a task operator downstream takes an equal share of Ray Data's CPU budget for as long as generation
+    runs, and the pool could not grow onto a node that joins; writing where the batch already is also
+    saves an object-store hop, and the writers scale with the pool.
+    """
+
+    def __init__(self, model_name: str, dtype: str, engine: dict, sampling: dict, seed: int,
+                 then=None, then_kwargs: dict | None = None):
+        self.then, self.then_kwargs = then, dict(then_kwargs or {})
         self.engine = EngineConfig.model_validate(engine)
         self.sampling = SamplingConfig.model_validate(sampling)
         self.llm = create_llm(model_name, dtype, self.engine, seed)
@@ -124,6 +133,10 @@ class ChatGenerator:
         self.tokenizer = load_tokenizer(model_name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        generated = self.generate(batch)
+        return self.then(generated, **self.then_kwargs) if self.then is not None else generated
+
+    def generate(self, batch: pa.Table) -> pa.Table:
         results = generate_chat(
             self.llm, self.tokenizer,
             batch.column("system").to_pylist(), batch.column("user").to_pylist(), batch.column("seed").to_pylist(),
@@ -137,6 +150,17 @@ class ChatGenerator:
             .append_column("new_tokens", pa.array([r.get("new_tokens", 0) for r in results], pa.int64()))
             .append_column("output_tokens", pa.array([r.get("output_tokens", []) for r in results], pa.list_(pa.int64())))
         )
+
+
+def engine_sized_blocks(ds, engine: EngineConfig):
+    """The dataset re-cut into blocks of at most one engine batch, so that every batch is its own task.
+
+    Why: an actor-pool `map_batches` runs each input *block* as one task and slices it into batches inside
+    that task. `flat_map` turns a trait into one block of all its requests, and a Parquet part is one block,
+    so without this a few huge tasks pin all the work to the first actors: a pool that grows (a node joins)
+    finds nothing queued to take, and a lost actor takes a whole trait's work down with it.
+    """
+    return ds.repartition(target_num_rows_per_block=engine.batch_size)
 
 
 def actor_pool_args(engine: EngineConfig) -> dict:

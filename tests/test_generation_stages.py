@@ -95,3 +95,18 @@ def test_rank_self_ranking_writes_soft_labelled_pairs(run_dir, make_config):
     assert 0.0 <= stats["order_consistency"] <= 1.0 and 0.0 < stats["position_bias_mean_p_first"] < 1.0
     assert sum(stats["label_histogram"]["counts"]) == len(rows) == result.rows_out
     assert sum(stats["pairs_per_trait"].values()) == len(rows)
+
+
+def test_engine_sized_blocks_cut_a_trait_block_into_engine_batches(ray_local):
+    """A trait's requests leave flat_map as one block; the engine pool must see one task per batch."""
+    import ray.data
+
+    from character.config import EngineConfig
+    from character.engine import engine_sized_blocks
+
+    ds = ray.data.from_items([{"trait": "t"}]).flat_map(lambda row: [{"i": i} for i in range(50)])
+    assert [b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")] == [50]
+    cut = engine_sized_blocks(ds, EngineConfig(batch_size=8))
+    sizes = [b.num_rows for b in cut.iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert sum(sizes) == 50 and max(sizes) <= 8 and len(sizes) >= 7
+    assert sorted(r["i"] for r in cut.take_all()) == list(range(50))

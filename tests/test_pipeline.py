@@ -45,7 +45,11 @@ def token_cluster(tmp_path_factory):
     gcs, dash = _free_port(), _free_port()
     short_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's unix sockets need a short path
     head = subprocess.Popen(
+        # Every port picked free: the session's in-process Ray (ray_local) already holds the default agent ports.
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={_free_port()}",
+         *(f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "runtime-env-agent-port", "metrics-export-port",
+                                                   "node-manager-port", "object-manager-port")),
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
          "--object-store-memory=536870912", f"--temp-dir={short_tmp}"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -53,7 +57,10 @@ def token_cluster(tmp_path_factory):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            probe = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True, text=True)
+            # A trivial job, not just `ray job list`: the head answers that before its dashboard agent can
+            # take submissions ("No available agent to submit job"), and this also proves `python` is found.
+            probe = subprocess.run([RAY, "job", "submit", "--address", url, "--", "python", "-c", "import pyarrow"],
+                                   env=env, capture_output=True, text=True, timeout=120)
             if probe.returncode == 0:
                 break
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]

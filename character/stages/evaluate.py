@@ -157,7 +157,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     init_ray(config.ray)
     import ray.data
 
-    from character.engine import ChatGenerator, actor_pool_args
+    from character.engine import ChatGenerator, actor_pool_args, engine_sized_blocks
     from character.stages import synthesize
     from character.stages.rank import pool_args
 
@@ -173,13 +173,13 @@ def run(config: Config, force: bool = False) -> StageResult:
             done = out.ids("message_id", "_work", label)
             todo = [p for p in prompts if p["message_id"] not in done]
             if todo:
-                ds = (ray.data.from_items(todo).map_batches(_with_chat, fn_kwargs=dict(seed=config.run.seed),
-                                                            batch_format="pyarrow")
+                ds = (engine_sized_blocks(ray.data.from_items(todo).map_batches(
+                          _with_chat, fn_kwargs=dict(seed=config.run.seed), batch_format="pyarrow"), config.engine)
                       .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
                           model_name=model, dtype=config.model.dtype, engine=config.engine.model_dump(),
                           sampling=cfg.sampling.model_copy(update={"n": cfg.samples}).model_dump(),
-                          seed=config.run.seed), **actor_pool_args(config.engine))
-                      .map_batches(_write_generations, fn_kwargs=dict(out=out, label=label), batch_format="pyarrow"))
+                          seed=config.run.seed, then=_write_generations, then_kwargs=dict(out=out, label=label)),
+                          **actor_pool_args(config.engine)))
                 consume_counts(ds, f"evaluate: {label}", len(todo))
         gens = {label: {r["message_id"]: r for r in out.read("_work", label, schema=schemas.EVAL_GENERATIONS).to_pylist()}
                 for label in models}

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from character import schemas
 from character.config import Config, RankConfig
+from character.engine import engine_sized_blocks
 from character.judge import Comparison, build_judge, judge_name
 from character.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
                                mean_win_scores, soft_label)
@@ -155,8 +156,10 @@ def run(config: Config, force: bool = False) -> StageResult:
         done = sorted(out.ids("message_id", WORK))
         total = responses.success_info().get("rows_out")
         ds = (
-            ray.data.read_parquet(responses.part_files(), schema=schemas.RESPONSES, filesystem=responses._fs()[0])
-            .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
+            engine_sized_blocks(
+                ray.data.read_parquet(responses.part_files(), schema=schemas.RESPONSES, filesystem=responses._fs()[0])
+                .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow"),
+                config.engine)
             .map_batches(RankWorker, fn_constructor_kwargs=dict(config_json=config.model_dump_json(),
                                                                 constitution_json=constitution.model_dump_json()),
                          **pool_args(config))

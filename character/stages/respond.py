@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from character import schemas
 from character.config import Config
-from character.engine import ChatGenerator, actor_pool_args
+from character.engine import ChatGenerator, actor_pool_args, engine_sized_blocks
 from character.prompts import character_system_prompt
 from character.runtime import (StageResult, Timer, committed_counts, consume_counts, init_ray, skip_or_reset, without_done,
                                write_resolved_config, write_split)
@@ -68,16 +68,18 @@ def run(config: Config, force: bool = False) -> StageResult:
         done = sorted(out.ids("message_id") | out.ids("row_id", "rejected"))
         total = messages.success_info().get("rows_out")
         ds = (
-            ray.data.read_parquet(messages.part_files(), schema=schemas.MESSAGES, filesystem=messages._fs()[0])
-            .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
-            .map_batches(add_prompts, fn_kwargs=dict(constitution_json=constitution.model_dump_json(),
-                                                     mode=cfg.system_prompt, seed=config.run.seed),
-                         batch_format="pyarrow")
+            engine_sized_blocks(
+                ray.data.read_parquet(messages.part_files(), schema=schemas.MESSAGES, filesystem=messages._fs()[0])
+                .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
+                .map_batches(add_prompts, fn_kwargs=dict(constitution_json=constitution.model_dump_json(),
+                                                         mode=cfg.system_prompt, seed=config.run.seed),
+                             batch_format="pyarrow"),
+                config.engine)
             .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
                 model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
-                sampling=sampling, seed=config.run.seed), **actor_pool_args(config.engine))
-            .map_batches(write_responses, fn_kwargs=dict(out=out, mode=cfg.system_prompt, sampling=sampling),
-                         batch_format="pyarrow")
+                sampling=sampling, seed=config.run.seed,
+                then=write_responses, then_kwargs=dict(out=out, mode=cfg.system_prompt, sampling=sampling)),
+                **actor_pool_args(config.engine))
         )
         result.rows_in, result.rows_out, result.drops, tokens = consume_counts(
             ds, "respond", None if total is None else total - len(done))
