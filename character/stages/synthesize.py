@@ -124,13 +124,13 @@ def run(config: Config, force: bool = False, *, stage: str = STAGE, kinds: list[
         done = sorted(out.ids("request_id", WORK))
         total = len(constitution.traits) * cfg.messages_per_trait
         traits = ray.data.from_items([{"trait_json": t.model_dump_json()} for t in constitution.traits])
-        generated = (
+        requests = (
             traits.flat_map(expand_requests, fn_kwargs=dict(per_trait=cfg.messages_per_trait, kinds=list(cfg.kinds),
                                                            seed=config.run.seed + (0 if stage == STAGE else 7919)))
             .map_batches(without_done, fn_kwargs=dict(column="request_id", done=done), batch_format="pyarrow")
         )
         generated = (
-            engine_sized_blocks(generated, config.engine)
+            engine_sized_blocks(requests, config.engine)
             .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
                 model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
                 sampling=cfg.sampling.model_copy(update={"n": 1}).model_dump(), seed=config.run.seed,
