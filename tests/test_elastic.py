@@ -82,15 +82,15 @@ def test_pool_grows_onto_an_added_node_and_survives_a_removed_one(cluster, tmp_p
     text = log.read_text()
     assert parts_before_removal < parts(), "the node was removed after generation had finished"
 
-    from character.stages.synthesize import expand_requests
-    from character.store import StageOutput, stable_id
+    from character.stages.synthesize import expand_requests, seed_question_rows
+    from character.store import StageOutput
     from character.traits import load_constitution
 
     traits = load_constitution(config.traits.path).traits
     expected = [r["request_id"] for t in traits
                 for r in expand_requests({"trait_json": t.model_dump_json()}, per_trait=PER_TRAIT,
                                          kinds=list(config.synthesize.kinds), seed=config.run.seed)]
-    expected += [stable_id(t.name, "seed", q) for t in traits for q in t.questions]
+    expected += seed_question_rows(traits).column("request_id").to_pylist()
     out = StageOutput(str(run_dir), "messages")
     assert out.complete(), text[-3000:]
     kept = out.read(columns=["request_id"]).column("request_id").to_pylist()
