@@ -6,7 +6,7 @@ configs/traits/constitution.yaml, chat template via `character.engine.chat_token
 row) and the same sampling settings (temperature, top_p, n, max_tokens; top-k off everywhere):
 
   ray    Ray Data end to end: `ray.data.from_items(rows).map_batches(ChatGenerator, ...,
-         **actor_pool_args(engine))` consumed with `iter_batches`; timed from dataset creation to the
+         **generation_pool_args(engine))` consumed with `iter_batches`; timed from dataset creation to the
          last row, INCLUDING the actor's start-up (import vllm + vllm.LLM() happen in the actor). A local
          Ray (`ray.init(num_cpus=4, object_store_memory=...)`) is started ONCE before the repetitions and
          is not timed; it stays up (idle) while the other contenders run.
@@ -19,7 +19,8 @@ row) and the same sampling settings (temperature, top_p, n, max_tokens; top-k of
          generate); the model load time is reported separately.
 
 Engine: `EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512, actors 1..1)`, so the
-OpenMP thread count (2) is the same in all three. The tiny random models rarely emit eos and
+OpenMP thread count (2) is the same in all three. The Ray path runs `--batch-size` rows per call and up to
+`engine.concurrent_batches` calls at once per actor (character/shared_engine.py; `--concurrent-batches`). The tiny random models rarely emit eos and
 SamplingConfig has no ignore_eos, so outputs are nearly fixed-length; the actual new tokens are counted
 (vLLM: sum of len(token_ids); HF: tokens up to and including the first eos, padding excluded).
 
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list out of ray,direct,hf")
     p.add_argument("--batch-size", type=int, default=64, help="rows per map_batches call (Ray path)")
+    p.add_argument("--concurrent-batches", type=int, default=None,
+                   help="map_batches calls per engine actor at once (Ray path; default: EngineConfig's)")
     p.add_argument("--hf-batch-size", type=int, default=64,
                    help="prompts per HF generate call (x n sequences with num_return_sequences)")
     p.add_argument("--object-store-mb", type=int, default=1024, help="object store of the local Ray")
@@ -84,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def engine_config(args):
     from character.config import EngineConfig
 
+    extra = {} if args.concurrent_batches is None else {"concurrent_batches": args.concurrent_batches}
     return EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512,
-                        actors={"min": 1, "max": 1}, batch_size=args.batch_size)
+                        actors={"min": 1, "max": 1}, batch_size=args.batch_size, **extra)
 
 
 def sampling_config(args):
@@ -187,6 +191,7 @@ def run_worker(kind: str, args) -> dict:
            "--dtype", args.dtype, "--prompts", str(args.prompts), "--n", str(args.n),
            "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
            "--top-p", str(args.top_p), "--batch-size", str(args.batch_size),
+           *(["--concurrent-batches", str(args.concurrent_batches)] if args.concurrent_batches else []),
            "--hf-batch-size", str(args.hf_batch_size), "--traits", args.traits, "--seed", str(args.seed)]
     env = dict(os.environ)
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -221,7 +226,7 @@ def start_ray(args) -> float:
 def run_ray(args, rows: list[dict]) -> dict:
     import ray.data
 
-    from character.engine import ChatGenerator, actor_pool_args
+    from character.engine import ChatGenerator, generation_pool_args
 
     engine, sampling = engine_config(args), sampling_config(args)
     tokens = samples = rejected = n_rows = 0
@@ -231,7 +236,7 @@ def run_ray(args, rows: list[dict]) -> dict:
         ChatGenerator,
         fn_constructor_kwargs=dict(model_name=args.model, dtype=args.dtype, engine=engine.model_dump(),
                                    sampling=sampling.model_dump(), seed=args.seed),
-        **actor_pool_args(engine),
+        **generation_pool_args(engine),
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         first = first or time.perf_counter() - t0
@@ -322,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     requested = args.prompts * args.n * args.max_tokens
     print(f"model {args.model} ({args.dtype}); {args.prompts} prompts x n={args.n} x max_tokens={args.max_tokens} "
           f"= {requested} new tokens requested per run; temperature {args.temperature}, top_p {args.top_p}, "
-          f"top_k off; engine num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512; reps {args.reps}")
+          f"top_k off; engine num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512; Ray path batch_size "
+          f"{args.batch_size}, concurrent_batches {engine_config(args).concurrent_batches}; reps {args.reps}")
     print(load_line("start"))
     if "ray" in contenders:
         seconds = start_ray(args)

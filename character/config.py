@@ -82,6 +82,9 @@ class EngineConfig(Strict):
     num_cpus_per_actor: float = Field(2, gt=0)  # OpenMP threads of a CPU engine follow this
     num_gpus_per_actor: float = Field(0, ge=0)
     batch_size: int = Field(64, ge=1)  # rows per map_batches call
+    # Generation calls one engine actor runs at once, all feeding its one engine (character/shared_engine.py),
+    # so a batch's tail overlaps the next batches; as ray.data.llm's max_concurrent_batches (default 8 too).
+    concurrent_batches: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _fits(self) -> EngineConfig:

@@ -124,10 +124,13 @@ class ChatGenerator:
 
     def __init__(self, model_name: str, dtype: str, engine: dict, sampling: dict, seed: int,
                  then=None, then_kwargs: dict | None = None):
+        from character.shared_engine import SharedEngine
+
         self.then, self.then_kwargs = then, dict(then_kwargs or {})
         self.engine = EngineConfig.model_validate(engine)
         self.sampling = SamplingConfig.model_validate(sampling)
-        self.llm = create_llm(model_name, dtype, self.engine, seed)
+        # Ray Data runs up to engine.concurrent_batches calls at once (generation_pool_args); they share it.
+        self.llm = SharedEngine(create_llm(model_name, dtype, self.engine, seed))
         from character.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_name)
@@ -163,12 +166,23 @@ def engine_sized_blocks(ds, engine: EngineConfig):
     return ds.repartition(target_num_rows_per_block=engine.batch_size)
 
 
-def actor_pool_args(engine: EngineConfig) -> dict:
-    """map_batches arguments that shard rows over an autoscaling pool of engine actors."""
+def generation_pool_args(engine: EngineConfig) -> dict:
+    """actor_pool_args for ChatGenerator: `engine.concurrent_batches` calls run at once in each actor."""
+    return actor_pool_args(engine, concurrent_calls=engine.concurrent_batches)
+
+
+def actor_pool_args(engine: EngineConfig, concurrent_calls: int = 1) -> dict:
+    """map_batches arguments that shard rows over an autoscaling pool of engine actors.
+
+    `concurrent_calls` > 1 lets Ray Data run that many calls of one actor at once, in threads; only for
+    callables that are safe to call so (ChatGenerator, through character.shared_engine).
+    """
     import ray.data
 
+    concurrency = {} if concurrent_calls == 1 else dict(
+        max_concurrent_calls_per_actor=concurrent_calls, enable_true_multi_threading=True)
     return dict(
-        compute=ray.data.ActorPoolStrategy(min_size=engine.actors.min, max_size=engine.actors.max),
+        compute=ray.data.ActorPoolStrategy(min_size=engine.actors.min, max_size=engine.actors.max, **concurrency),
         batch_size=engine.batch_size,
         num_cpus=engine.num_cpus_per_actor,
         num_gpus=engine.num_gpus_per_actor if resolved_device(engine) == "cuda" else 0,

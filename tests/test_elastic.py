@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-PER_TRAIT = 600  # enough work that generation (~90 s here) outlasts the node changes
+PER_TRAIT = 1500  # enough work that generation (~60 s here) outlasts the node changes
 
 
 def _alive_engines(address: str) -> list[dict]:

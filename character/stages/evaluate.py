@@ -157,7 +157,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     init_ray(config.ray)
     import ray.data
 
-    from character.engine import ChatGenerator, actor_pool_args, engine_sized_blocks
+    from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
     from character.stages import synthesize
     from character.stages.rank import pool_args
 
@@ -179,7 +179,7 @@ def run(config: Config, force: bool = False) -> StageResult:
                           model_name=model, dtype=config.model.dtype, engine=config.engine.model_dump(),
                           sampling=cfg.sampling.model_copy(update={"n": cfg.samples}).model_dump(),
                           seed=config.run.seed, then=_write_generations, then_kwargs=dict(out=out, label=label)),
-                          **actor_pool_args(config.engine)))
+                          **generation_pool_args(config.engine)))
                 consume_counts(ds, f"evaluate: {label}", len(todo))
         gens = {label: {r["message_id"]: r for r in out.read("_work", label, schema=schemas.EVAL_GENERATIONS).to_pylist()}
                 for label in models}

@@ -122,6 +122,8 @@ def pool_args(config: Config) -> dict:
     from character.engine import actor_pool_args
 
     if config.judge.kind == "model":
+        # One call at a time: the judge's requests are single-token prefills, with no generation tail for a
+        # concurrent batch to fill (cf. generation_pool_args).
         return actor_pool_args(config.engine)
     import ray.data
 

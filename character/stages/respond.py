@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from character import schemas
 from character.config import Config
-from character.engine import ChatGenerator, actor_pool_args, engine_sized_blocks
+from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
 from character.prompts import character_system_prompt
 from character.runtime import (StageResult, Timer, committed_counts, consume_counts, init_ray, skip_or_reset, without_done,
                                write_resolved_config, write_split)
@@ -79,7 +79,7 @@ def run(config: Config, force: bool = False) -> StageResult:
                 model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
                 sampling=sampling, seed=config.run.seed,
                 then=write_responses, then_kwargs=dict(out=out, mode=cfg.system_prompt, sampling=sampling)),
-                **actor_pool_args(config.engine))
+                **generation_pool_args(config.engine))
         )
         result.rows_in, result.rows_out, result.drops, tokens = consume_counts(
             ds, "respond", None if total is None else total - len(done))

@@ -13,7 +13,7 @@ import pyarrow as pa
 from character import schemas
 from character.config import Config
 from character.dedupe import drop_reasons, normalise_message
-from character.engine import ChatGenerator, actor_pool_args, engine_sized_blocks
+from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
 from character.prompts import SYNTH_SYSTEM, synthesis_prompt
 from character.runtime import (StageResult, Timer, consume_counts, init_ray, skip_or_reset, without_done,
                                write_resolved_config, write_split)
@@ -135,7 +135,7 @@ def run(config: Config, force: bool = False, *, stage: str = STAGE, kinds: list[
                 model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
                 sampling=cfg.sampling.model_copy(update={"n": 1}).model_dump(), seed=config.run.seed,
                 then=write_raw, then_kwargs=dict(out=out)),
-                **actor_pool_args(config.engine))
+                **generation_pool_args(config.engine))
         )
         _, _, _, new_tokens = consume_counts(generated, f"{stage}: generate", total - len(done))
 
