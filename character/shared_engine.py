@@ -90,6 +90,8 @@ class SharedEngine:
                     call.remaining -= 1
                     if call.remaining == 0:
                         call.done.set()
+                if owners and not self.llm.llm_engine.has_unfinished_requests():  # fail, rather than spin forever
+                    raise RuntimeError(f"vLLM has no work left but {len(owners)} request(s) never came back finished")
             except BaseException as exc:  # the engine's state is unknown now: fail every call, now and later
                 with self._lock:
                     self._error = exc

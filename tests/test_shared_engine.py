@@ -16,9 +16,9 @@ class FakeEngine:
     """vLLM's LLMEngine surface SharedEngine uses. A request finishes `prompt["steps"]` steps after it was
     added and echoes its prompt's text; touching the engine from two threads at once fails the test."""
 
-    def __init__(self, fail_at_step: int | None = None):
+    def __init__(self, fail_at_step: int | None = None, lose: str | None = None):
         self.live: dict[str, list] = {}
-        self.steps, self.most_live, self.fail_at_step = 0, 0, fail_at_step
+        self.steps, self.most_live, self.fail_at_step, self.lose = 0, 0, fail_at_step, lose
         self._in_use = threading.Lock()
 
     def _enter(self):
@@ -44,6 +44,9 @@ class FakeEngine:
         finally:
             self._in_use.release()
 
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
     def step(self):
         self._enter()
         try:
@@ -54,7 +57,9 @@ class FakeEngine:
             finished = []
             for request_id, state in list(self.live.items()):
                 state[1] -= 1
-                if state[1] <= 0:
+                if state[1] <= 0 and state[0] == self.lose:  # finished, but its output never comes back
+                    del self.live[request_id]
+                elif state[1] <= 0:
                     finished.append(SimpleNamespace(request_id=request_id, finished=True, text=state[0]))
                     del self.live[request_id]
             return finished[::-1]  # out of order on purpose
@@ -117,6 +122,13 @@ def test_an_engine_error_fails_the_waiting_calls_and_every_later_one():
             assert "engine broke" in repr(info.value.__cause__)
     with pytest.raises(RuntimeError, match="failed earlier"):
         call(shared, "late", 2)
+
+
+def test_a_request_that_never_comes_back_fails_the_calls_instead_of_hanging():
+    shared = SharedEngine(fake_llm(lose="c0-3"))
+    with pytest.raises(RuntimeError, match="vLLM generation failed") as info:
+        call(shared, "c0", 6)
+    assert "never came back" in str(info.value.__cause__)
 
 
 def test_generation_pool_args_run_concurrent_calls_only_for_the_generator():
