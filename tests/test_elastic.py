@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-PER_TRAIT = 1500  # enough work that generation (~60 s here) outlasts the node changes
+PER_TRAIT = 1500  # enough work that generation outlasts the node changes (the stage takes ~100 s here)
 
 
 def _alive_engines(address: str) -> list[dict]:
