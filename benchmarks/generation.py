@@ -113,8 +113,9 @@ def build_rows(args) -> list[dict]:
         index = i // len(traits)
         kind = kinds[index % len(kinds)]
         request_id = stable_id(trait.name, kind, str(index), str(args.seed))
-        rows.append({"request_id": request_id, "system": SYNTH_SYSTEM,
-                     "user": synthesis_prompt(trait, kind, index), "seed": seed_from_id(request_id, args.seed)})
+        user, prefix = synthesis_prompt(trait, kind, index)
+        rows.append({"request_id": request_id, "system": SYNTH_SYSTEM, "user": user, "assistant_prefix": prefix,
+                     "seed": seed_from_id(request_id, args.seed)})
     return rows
 
 
@@ -137,7 +138,8 @@ def worker_direct(args) -> None:
     tokenizer = load_tokenizer(args.model)
     t1 = time.perf_counter()
     results = generate_chat(llm, tokenizer, [r["system"] for r in rows], [r["user"] for r in rows],
-                            [r["seed"] for r in rows], sampling, engine.max_model_len)
+                            [r["seed"] for r in rows], sampling, engine.max_model_len,
+                            [r["assistant_prefix"] for r in rows])
     t2 = time.perf_counter()
     rejected = sum(1 for r in results if r["reject_reason"])
     tokens = sum(r.get("new_tokens", 0) for r in results)
@@ -165,7 +167,7 @@ def worker_hf(args) -> None:
     with torch.inference_mode():
         for start in range(0, len(rows), args.hf_batch_size):
             batch = rows[start:start + args.hf_batch_size]
-            ids = [chat_token_ids(tokenizer, r["system"], r["user"]) for r in batch]
+            ids = [chat_token_ids(tokenizer, r["system"], r["user"], r["assistant_prefix"]) for r in batch]
             keep = [x for x in ids if len(x) + args.max_tokens <= engine.max_model_len]  # as generate_chat
             rejected += len(ids) - len(keep)
             if not keep:

@@ -31,12 +31,20 @@ PIPELINE = ["synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate"
 
 def validate(config: Config, stages: list[str]) -> None:
     """Checks that need more than the config file itself, still before any compute."""
-    load_constitution(config.traits.path)
+    load_constitution(config.traits.path, config.traits.only)
     for stage in stages:
         check_stage_config(config, stage)
     from character.train_common import read_deepspeed_json
 
     read_deepspeed_json(config.train.deepspeed_config)
+
+
+def run_progress(config: Config, names: list[str]):
+    from character.progress import RunProgress, stage_work
+
+    constitution = load_constitution(config.traits.path, config.traits.only)
+    work = stage_work(config, len(constitution.traits), sum(len(t.questions) for t in constitution.traits))
+    return RunProgress(names, work)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     # Once a stage does work, every later stage is redone: its inputs have changed.
     redo = args.force
     worked = []
-    for name in names:
+    progress = run_progress(config, names) if args.command == "run" else None
+    for index, name in enumerate(names):
         stage = importlib.import_module(STAGES[name])
+        if progress:
+            print(progress.begin(index), flush=True)
         try:
             result = stage.run(config, force=redo)
         except Exception as exc:
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"stopped; fix the cause and rerun `character run` to resume from '{name}'", file=sys.stderr)
             return 1
         print(result.line(), flush=True)
+        if progress:
+            progress.end(index, result.skipped)
         if not result.skipped:
             redo = True
             worked.append(name)

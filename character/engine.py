@@ -69,29 +69,37 @@ def create_llm(model_name: str, dtype: str, engine: EngineConfig, seed: int):
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if engine.enable_chunked_prefill is not None or resolved_device(engine) == "cpu":
         kwargs["enable_chunked_prefill"] = bool(engine.enable_chunked_prefill)
+    if engine.block_size is not None or resolved_device(engine) == "cpu":
+        kwargs["block_size"] = engine.block_size or 32
     kwargs.update(engine.extra_args)
     return LLM(**kwargs)
 
 
-def chat_token_ids(tokenizer, system: str, user: str) -> list[int]:
+def chat_token_ids(tokenizer, system: str, user: str, assistant_prefix: str = "") -> list[int]:
+    """Chat-templated prompt ids; `assistant_prefix` starts the assistant's turn (the model continues it)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text + assistant_prefix, add_special_tokens=False)["input_ids"]
 
 
 def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: list[int],
-                  sampling: SamplingConfig, max_model_len: int) -> list[dict]:
+                  sampling: SamplingConfig, max_model_len: int, prefixes: list[str] | None = None,
+                  logprobs: bool = False) -> list[dict]:
     """Generate `sampling.n` completions per chat; prompts that cannot fit are rejected, not crashed on.
 
-    Returns one dict per input: outputs, finish_reasons, reject_reason (None when generated).
+    Returns one dict per input: outputs, finish_reasons, reject_reason (None when generated); with
+    `logprobs`, also each completion's token ids and its log-probability under the prompt (the sum of the
+    raw model log-probs of its tokens: vLLM's default logprobs_mode is raw_logprobs, before temperature
+    or top-p, so it equals a forward pass of prompt + completion whatever the sampling settings).
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     results: list[dict] = [{"outputs": [], "finish_reasons": [], "reject_reason": None} for _ in users]
     prompts, params, where = [], [], []
-    for i, (system, user, seed) in enumerate(zip(systems, users, seeds)):
-        ids = chat_token_ids(tokenizer, system, user)
+    prefixes = prefixes or [""] * len(users)
+    for i, (system, user, seed, prefix) in enumerate(zip(systems, users, seeds, prefixes)):
+        ids = chat_token_ids(tokenizer, system, user, prefix)
         if len(ids) + sampling.max_tokens > max_model_len:
             results[i]["reject_reason"] = "prompt_too_long"
             results[i]["detail"] = f"{len(ids)} prompt tokens + {sampling.max_tokens} new > max_model_len {max_model_len}"
@@ -99,7 +107,8 @@ def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: l
         prompts.append(TokensPrompt(prompt_token_ids=ids))
         params.append(SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens, seed=int(seed),
+            max_tokens=sampling.max_tokens, seed=int(seed), stop=list(sampling.stop) or None,
+            logprobs=0 if logprobs else None,
         ))
         where.append(i)
     if prompts:
@@ -108,12 +117,16 @@ def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: l
             results[i]["finish_reasons"] = [str(c.finish_reason or "length") for c in out.outputs]
             results[i]["new_tokens"] = sum(len(c.token_ids) for c in out.outputs)
             results[i]["output_tokens"] = [len(c.token_ids) for c in out.outputs]
+            if logprobs:
+                results[i]["output_token_ids"] = [list(c.token_ids) for c in out.outputs]
+                results[i]["output_logprobs"] = [float(c.cumulative_logprob) for c in out.outputs]
     return results
 
 
 class ChatGenerator:
-    """Ray Data actor: rows with `system`, `user`, `seed` in; `outputs`, `finish_reasons`,
-    `reject_reason`, `detail`, `new_tokens` appended.
+    """Ray Data actor: rows with `system`, `user`, `seed` (and optionally `assistant_prefix`) in; `outputs`,
+    `finish_reasons`, `reject_reason`, `detail`, `new_tokens` appended (with `logprobs`, also
+    `output_token_ids` and `output_logprobs`: see generate_chat).
 
     `then(batch, **then_kwargs)`, when given, runs on the generated batch inside the actor and its result
     is returned instead (the stages commit their parts there). Why not a separate `map_batches` after it:
@@ -123,10 +136,10 @@ class ChatGenerator:
     """
 
     def __init__(self, model_name: str, dtype: str, engine: dict, sampling: dict, seed: int,
-                 then=None, then_kwargs: dict | None = None):
+                 then=None, then_kwargs: dict | None = None, logprobs: bool = False):
         from character.shared_engine import SharedEngine
 
-        self.then, self.then_kwargs = then, dict(then_kwargs or {})
+        self.then, self.then_kwargs, self.logprobs = then, dict(then_kwargs or {}), logprobs
         self.engine = EngineConfig.model_validate(engine)
         self.sampling = SamplingConfig.model_validate(sampling)
         # Ray Data runs up to engine.concurrent_batches calls at once (generation_pool_args); they share it.
@@ -144,7 +157,14 @@ class ChatGenerator:
             self.llm, self.tokenizer,
             batch.column("system").to_pylist(), batch.column("user").to_pylist(), batch.column("seed").to_pylist(),
             self.sampling, self.engine.max_model_len,
+            batch.column("assistant_prefix").to_pylist() if "assistant_prefix" in batch.column_names else None,
+            self.logprobs,
         )
+        if self.logprobs:
+            batch = (batch.append_column("output_token_ids", pa.array([r.get("output_token_ids", []) for r in results],
+                                                                       pa.list_(pa.list_(pa.int32()))))
+                     .append_column("output_logprobs", pa.array([r.get("output_logprobs", []) for r in results],
+                                                                pa.list_(pa.float64()))))
         return (
             batch.append_column("outputs", pa.array([r["outputs"] for r in results], pa.list_(pa.string())))
             .append_column("finish_reasons", pa.array([r["finish_reasons"] for r in results], pa.list_(pa.string())))

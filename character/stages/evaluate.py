@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from character import schemas
 from character.config import Config
+from character.prompts import character_system_prompt
 from character.runtime import StageResult, Timer, consume_counts, init_ray, skip_or_reset, write_resolved_config
 from character.store import StageOutput, require_complete, seed_from_id
 from character.traits import Constitution, load_constitution
@@ -69,7 +70,9 @@ class EvalWorker:
         from character.models import load_tokenizer
 
         self.config = Config.model_validate_json(config_json)
-        self.traits = {t.name: t.describe() for t in Constitution.model_validate_json(constitution_json).traits}
+        constitution = Constitution.model_validate_json(constitution_json)
+        self.traits = {t.name: t.describe() for t in constitution.traits}
+        self.systems = {t.name: character_system_prompt(t, constitution, "trait") for t in constitution.traits}
         judged = self.config.model_copy(update={"judge": self.config.evaluate.judge})
         self.judge, self.judge_name = build_judge(judged), judge_name(judged)
         self.tokenizer = load_tokenizer(self.config.model.name)
@@ -96,8 +99,9 @@ class EvalWorker:
         comps, flat = [], []
         for r in rows:
             for s, (b, t) in enumerate(zip(r["base_outputs"], r["trained_outputs"])):
-                comps += [Comparison(self.traits[r["trait"]], r["text"], t, b),
-                          Comparison(self.traits[r["trait"]], r["text"], b, t)]
+                system = self.systems[r["trait"]]
+                comps += [Comparison(self.traits[r["trait"]], r["text"], t, b, system),
+                          Comparison(self.traits[r["trait"]], r["text"], b, t, system)]
                 for model, text, fin, ntok in (("base", b, r["base_finish"][s], r["base_tokens"][s]),
                                                ("trained", t, r["trained_finish"][s], r["trained_tokens"][s])):
                     flat.append({"message_id": r["message_id"], "trait": r["trait"], "split": r["split"],
@@ -152,7 +156,7 @@ def run(config: Config, force: bool = False) -> StageResult:
         return skipped
     for needed in ("messages", "pm", "policy"):
         require_complete(StageOutput(config.run.output_dir, needed), "evaluate")
-    constitution = load_constitution(config.traits.path)
+    constitution = load_constitution(config.traits.path, config.traits.only)
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data
@@ -197,9 +201,10 @@ def run(config: Config, force: bool = False) -> StageResult:
                 **pool_args(judged))
             consume_counts(ds, "evaluate: judge", len(joined))
     rows = out.read(schema=schemas.EVAL).to_pylist()
+    from character.judge import judge_name
+
     summary = {"base_model": config.model.name, "trained_model": models["trained"], "samples": cfg.samples,
-               "judge": f"{cfg.judge.kind}:{cfg.judge.model or config.model.name}" if cfg.judge.kind == "model"
-               else f"rule:{cfg.judge.rule.type}", **summarise(rows)}
+               "judge": judge_name(config.model_copy(update={"judge": cfg.judge})), **summarise(rows)}
     out.write_json("summary.json", summary)
     result.seconds, result.rows_in, result.rows_out = timer.seconds, len(prompts), len(rows)
     result.extra = {split: {k: v["mean"] if "mean" in v else v for k, v in s.items()

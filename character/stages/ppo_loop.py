@@ -50,7 +50,7 @@ def ppo_loop(loop_config: dict) -> None:
     from character.pm_data import chat_prefix
     from character.stages.train_ppo import STAGE, Scorer, _export, _frozen, iteration_seeds, load_prompts, now
     from character.store import StageOutput
-    from character.train_common import (NonFiniteGuard, all_agree, build_under_zero, deepspeed_config,
+    from character.train_common import (NonFiniteGuard, StepClock, all_agree, build_under_zero, deepspeed_config,
                                         full_state_dict, is_finite, plain_model_construction, maybe_inject_fault, restore, save_and_report,
                                         setup_distributed, tensorboard_writer)
 
@@ -125,6 +125,7 @@ def ppo_loop(loop_config: dict) -> None:
                 f.write(json.dumps({"iteration": 0, "eval_reward": first_eval}) + "\n")
 
     per_rank = cfg.prompts_per_iteration // world
+    clock = StepClock("train-ppo iteration", state["iteration"], cfg.iterations, rank == 0)
     for iteration in range(state["iteration"], cfg.iterations):
         maybe_inject_fault(config, iteration)
         t0 = now()
@@ -190,6 +191,8 @@ def ppo_loop(loop_config: dict) -> None:
             record["resumed_from"] = resumed_from
         if done % cfg.eval_every == 0 or done == cfg.iterations:
             record["eval_reward"] = evaluate(done)
+        clock.tick(done, f"reward {record['reward']:.3f}, KL {record['kl']:.3f}"
+                   + (f", held-out reward {record['eval_reward']:.3f}" if "eval_reward" in record else ""))
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")

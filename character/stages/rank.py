@@ -17,6 +17,7 @@ from character import schemas
 from character.config import Config, RankConfig
 from character.engine import engine_sized_blocks
 from character.judge import Comparison, build_judge, judge_name
+from character.prompts import character_system_prompt
 from character.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
                                mean_win_scores, soft_label)
 from character.runtime import StageResult, Timer, batch_key, consume_counts, init_ray, skip_or_reset, without_done
@@ -32,8 +33,11 @@ def _reject(rows: list, row_id: str, trait: str, reason: str, text: str, detail:
     rows.append({"row_id": row_id, "trait": trait, "reason": reason, "text": text, "detail": detail})
 
 
-def rank_rows(rows: list[dict], judge, rank: RankConfig, trait_texts: dict[str, str], judge_label: str) -> dict:
-    """Responses rows → {"pairs", "comparisons", "rejected"} row lists. Pure but for the judge call."""
+def rank_rows(rows: list[dict], judge, rank: RankConfig, trait_texts: dict[str, str], judge_label: str,
+              systems: dict[str, str] | None = None) -> dict:
+    """Responses rows → {"pairs", "comparisons", "rejected"} row lists. Pure but for the judge call.
+    `systems`: each trait's in-character system prompt (what a contrast judge conditions on)."""
+    systems = systems or {}
     plans, comparisons = [], []
     out = {"pairs": [], "comparisons": [], "rejected": []}
     for row in rows:
@@ -51,8 +55,9 @@ def rank_rows(rows: list[dict], judge, rank: RankConfig, trait_texts: dict[str, 
         plans.append((row, kept, pairs, len(comparisons)))
         for i, j in pairs:
             cand = row["candidates"]
-            comparisons.append(Comparison(trait_texts[trait], row["prompt"], cand[i], cand[j]))
-            comparisons.append(Comparison(trait_texts[trait], row["prompt"], cand[j], cand[i]))
+            system = systems.get(trait, "")
+            comparisons.append(Comparison(trait_texts[trait], row["prompt"], cand[i], cand[j], system))
+            comparisons.append(Comparison(trait_texts[trait], row["prompt"], cand[j], cand[i], system))
     probs = judge.prob_first(comparisons) if comparisons else []
 
     for row, kept, pairs, start in plans:
@@ -92,6 +97,18 @@ def rank_rows(rows: list[dict], judge, rank: RankConfig, trait_texts: dict[str, 
     return out
 
 
+def sampled_logprobs(rows: list[dict], systems: dict[str, str]) -> dict:
+    """(trait system prompt, message, candidate) -> (token ids, log p) as the respond stage sampled them, for
+    candidates sampled under the trait's own system prompt (what a contrast judge conditions on)."""
+    known = {}
+    for row in rows:
+        if row["system_prompt"] != "trait":
+            continue
+        for text, ids, logp in zip(row["candidates"], row["candidate_token_ids"], row["candidate_logprobs"]):
+            known[(systems[row["trait"]], row["prompt"], text)] = (list(ids), float(logp))
+    return known
+
+
 class RankWorker:
     """Ray Data actor holding one judge; writes each batch's outputs itself and returns counts."""
 
@@ -99,13 +116,16 @@ class RankWorker:
         self.config = Config.model_validate_json(config_json)
         constitution = Constitution.model_validate_json(constitution_json)
         self.trait_texts = {t.name: t.describe() for t in constitution.traits}
+        self.systems = {t.name: character_system_prompt(t, constitution, "trait") for t in constitution.traits}
         self.judge = build_judge(self.config)
         self.judge_label = judge_name(self.config)
         self.out = StageOutput(self.config.run.output_dir, STAGE)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        result = rank_rows(rows, self.judge, self.config.rank, self.trait_texts, self.judge_label)
+        if hasattr(self.judge, "remember"):
+            self.judge.remember(sampled_logprobs(rows, self.systems))
+        result = rank_rows(rows, self.judge, self.config.rank, self.trait_texts, self.judge_label, self.systems)
         key = batch_key([r["message_id"] for r in rows])
         for sub, schema, name in (("comparisons", schemas.COMPARISONS, "comparisons"),
                                   ("rejected", schemas.REJECTED, "rejected"), ("", schemas.PREFERENCES, "pairs")):
@@ -121,9 +141,9 @@ class RankWorker:
 def pool_args(config: Config) -> dict:
     from character.engine import actor_pool_args
 
-    if config.judge.kind == "model":
-        # One call at a time: the judge's requests are single-token prefills, with no generation tail for a
-        # concurrent batch to fill (cf. generation_pool_args).
+    if config.judge.kind != "rule":
+        # One call at a time: a model judge's requests are single-token prefills, with no generation tail for
+        # a concurrent batch to fill (cf. generation_pool_args).
         return actor_pool_args(config.engine)
     import ray.data
 
@@ -145,7 +165,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     require_complete(responses, "rank")
-    constitution = load_constitution(config.traits.path)
+    constitution = load_constitution(config.traits.path, config.traits.only)
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data

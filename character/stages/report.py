@@ -245,6 +245,24 @@ def funnel_figure(messages: dict | None, responses: dict | None, preferences: di
     return fig
 
 
+def message_examples_html(stats: dict | None) -> str:
+    """The synthesis keep rate and examples of kept messages (per trait) and dropped ones (per reason, with
+    the model's whole reply), from messages/stats.json."""
+    if not stats or "examples_kept" not in stats:
+        return ""
+    esc = html.escape
+    kept = "".join(f"<tr><td>{esc(trait)}</td><td>{esc(x['kind'])}</td><td class='text'>{esc(x['text'])}</td></tr>"
+                   for trait, xs in sorted(stats["examples_kept"].items()) for x in xs)
+    dropped = "".join(f"<tr><td>{esc(reason)}</td><td>{esc(x['trait'])}</td><td class='text'>{esc(x.get('reply') or x['text'])}"
+                      f"</td></tr>" for reason, xs in sorted(stats.get("examples_dropped", {}).items()) for x in xs)
+    rate = stats.get("keep_rate")
+    return (f"<p id='keep-rate'>Synthesised messages kept: {stats.get('generated_kept')} of {stats.get('generated')} "
+            f"(keep rate {fmt(rate)}).</p>"
+            f"<h3>Kept (examples)</h3><table id='kept-examples'><tr><th>trait</th><th>kind</th><th>message</th></tr>"
+            f"{kept}</table><h3>Set aside (examples, the model's whole reply)</h3><table id='dropped-examples'>"
+            f"<tr><th>reason</th><th>trait</th><th>reply</th></tr>{dropped}</table>")
+
+
 def numbers_html(pairs: list[tuple[str, object]]) -> str:
     def show(v) -> str:
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else fmt(v)
@@ -303,7 +321,8 @@ section{margin:2em 0;border-top:1px solid #ddd}img{max-width:100%}nav a{margin-r
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 .na{color:#888;font-style:italic}dl.nums{display:grid;grid-template-columns:max-content max-content;gap:2px 12px}
 dd{margin:0;font-family:monospace}.pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}
-pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:0}.transcript{margin:1em 0}h4{margin:.3em 0}"""
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:0}.transcript{margin:1em 0}h4{margin:.3em 0}
+td.text{text-align:left}"""
 
 
 def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
@@ -344,12 +363,18 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
                                                             "eval_pairs")]),
             missing=None if pm else "no pm/metrics.json")
     pref = inputs.get("preferences")
+    judge = str((pref or {}).get("judge", ""))
+    note = ("<p>The judge is a contrast judge (log p(answer | trait) &minus; log p(answer | no trait)): it scores "
+            "each answer once, so order consistency is 1 and position bias 0.5 by construction.</p>"
+            if judge.startswith("contrast:") else "")
     section("ranking", "Self-ranking label quality", "fig-ranking", lambda: ranking_figure(pref),
+            f"<p>judge: <code>{html.escape(judge)}</code></p>" + note +
             numbers_html([(k, (pref or {}).get(k)) for k in ("order_consistency", "position_bias_mean_p_first",
                                                               "comparisons")]),
             missing=None if pref else "no preferences/stats.json")
     stats = (inputs.get("messages"), inputs.get("responses"), pref)
     section("funnel", "Data funnel", "fig-funnel", lambda: funnel_figure(*stats),
+            message_examples_html(inputs.get("messages")),
             missing=None if any(stats) else "no messages/responses/preferences stats.json")
     section("transcripts", "Sample transcripts", None, None, transcripts_html(inputs.get("eval_rows") or [], n))
     section("summary", "Numbers (eval/summary.json)", None, None, summary_table_html(summary))

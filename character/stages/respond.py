@@ -41,6 +41,7 @@ def write_responses(batch: pa.Table, out: StageOutput, *, mode: str, sampling: d
         "top_p": pa.array([sampling["top_p"]] * n, pa.float32()),
         "max_tokens": pa.array([sampling["max_tokens"]] * n, pa.int32()),
         "seed": good.column("seed"),
+        "candidate_token_ids": good.column("output_token_ids"), "candidate_logprobs": good.column("output_logprobs"),
     }, schema=schemas.RESPONSES)
     bad = batch.filter(pa.array([r is not None for r in reasons]))
     rejected = pa.table({
@@ -56,7 +57,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     require_complete(messages, "respond")
-    constitution = load_constitution(config.traits.path)
+    constitution = load_constitution(config.traits.path, config.traits.only)
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data
@@ -78,7 +79,8 @@ def run(config: Config, force: bool = False) -> StageResult:
             .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
                 model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
                 sampling=sampling, seed=config.run.seed,
-                then=write_responses, then_kwargs=dict(out=out, mode=cfg.system_prompt, sampling=sampling)),
+                then=write_responses, then_kwargs=dict(out=out, mode=cfg.system_prompt, sampling=sampling),
+                logprobs=True),
                 **generation_pool_args(config.engine))
         )
         result.rows_in, result.rows_out, result.drops, tokens = consume_counts(

@@ -3,8 +3,10 @@
 Two phases, both streamed by Ray Data:
 1. generation — (trait, kind, index) requests → vLLM actors → raw texts, committed as parts under
    messages/_work/ keyed by request_id (an interrupted run resumes from them);
-2. clean-up per trait — normalise, then set aside empty, too short/long, truncated, exact and near
-   duplicates with the reason → messages/part-*.parquet and messages/rejected/, stats.json, _SUCCESS.
+2. clean-up per trait — extract the message from the reply (list numbering, preambles, quotes), then set
+   aside empty, truncated, assistant-voice, meta, non-question, too short/long, exact and near duplicates
+   with the reason → messages/part-*.parquet and messages/rejected/, stats.json (keep rate, examples of
+   kept and dropped messages), _SUCCESS.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pyarrow as pa
 
 from character import schemas
 from character.config import Config
-from character.dedupe import drop_reasons, normalise_message
+from character.dedupe import content_reason, drop_reasons, extract_message
 from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
 from character.prompts import SYNTH_SYSTEM, synthesis_prompt
 from character.runtime import (StageResult, Timer, consume_counts, init_ray, skip_or_reset, without_done,
@@ -31,9 +33,10 @@ def expand_requests(row: dict, *, per_trait: int, kinds: list[str], seed: int) -
     for index in range(per_trait):
         kind = kinds[index % len(kinds)]
         request_id = stable_id(trait.name, kind, str(index), str(seed))
+        user, prefix = synthesis_prompt(trait, kind, index)
         requests.append({
             "request_id": request_id, "trait": trait.name, "kind": kind, "system": SYNTH_SYSTEM,
-            "user": synthesis_prompt(trait, kind, index), "seed": seed_from_id(request_id, seed),
+            "user": user, "assistant_prefix": prefix, "seed": seed_from_id(request_id, seed),
         })
     return requests
 
@@ -64,18 +67,22 @@ def write_raw(batch: pa.Table, out: StageOutput) -> pa.Table:
 
 
 def clean_group(group: pa.Table, *, min_chars: int, max_chars: int, near_threshold: float,
-                num_perm: int, drop_truncated: bool) -> pa.Table:
+                num_perm: int, drop_truncated: bool, require_question: bool) -> pa.Table:
     """All raw rows of one trait → rows with `drop_reason` (None = kept). Deterministic order:
-    seed questions first (written by people, they win over generated look-alikes), then request_id."""
+    seed questions first (written by people, they win over generated look-alikes, and skip the content
+    checks), then request_id."""
     rows = {r["request_id"]: r for r in group.to_pylist()}  # a retried write may repeat a request
     ordered = sorted(rows.values(), key=lambda r: (r["kind"] != "seed", r["request_id"]))
-    texts = [normalise_message(r["raw_text"]) for r in ordered]
+    texts = [extract_message(r["raw_text"]) for r in ordered]
     pre = []
-    for r in ordered:
+    for r, text in zip(ordered, texts):
         if r["reject_reason"]:
             pre.append(r["reject_reason"])
         elif drop_truncated and r["finish_reason"] == "length":
             pre.append("truncated")
+        elif r["kind"] != "seed" and text:
+            # A push off the trait ("Drop the act.") need not be a question.
+            pre.append(content_reason(text, require_question and r["kind"] != "adversarial"))
         else:
             pre.append(None)
     candidates = [t if p is None else "" for t, p in zip(texts, pre)]
@@ -86,8 +93,33 @@ def clean_group(group: pa.Table, *, min_chars: int, max_chars: int, near_thresho
         out.append({
             "message_id": stable_id(r["trait"], text), "trait": r["trait"], "kind": r["kind"],
             "text": text if text else r["raw_text"], "request_id": r["request_id"], "drop_reason": p or reason,
+            "raw_text": r["raw_text"],
         })
-    return pa.Table.from_pylist(out, schema=schemas.MESSAGES.append(pa.field("drop_reason", pa.string())))
+    schema = schemas.MESSAGES.append(pa.field("drop_reason", pa.string())).append(pa.field("raw_text", pa.string()))
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+def keep_stats(kept: list[dict], rejected: list[dict], examples: int = 3) -> dict:
+    """Keep rate of the generated messages (seed questions aside), counts per trait, and a few examples
+    of kept messages and of dropped ones per reason (deterministic: sorted by text)."""
+    generated_kept = [r for r in kept if r["kind"] != "seed"]
+    generated = len(generated_kept) + len(rejected)
+    per_trait: dict[str, int] = {}
+    for r in kept:
+        per_trait[r["trait"]] = per_trait.get(r["trait"], 0) + 1
+    dropped: dict[str, list[dict]] = {}
+    for r in sorted(rejected, key=lambda r: (r["reason"], r["text"])):
+        shown = dropped.setdefault(r["reason"], [])
+        if len(shown) < examples and all(x["text"] != r["text"] for x in shown):
+            dropped[r["reason"]].append({"trait": r["trait"], "text": r["text"], "reply": r["detail"]})
+    by_trait: dict[str, list[dict]] = {}
+    for r in sorted(generated_kept, key=lambda r: (r["trait"], r["text"])):
+        if len(by_trait.setdefault(r["trait"], [])) < examples:
+            by_trait[r["trait"]].append({"kind": r["kind"], "text": r["text"]})
+    return {"per_trait": dict(sorted(per_trait.items())), "generated": generated,
+            "generated_kept": len(generated_kept),
+            "keep_rate": len(generated_kept) / generated if generated else None,
+            "examples_kept": by_trait, "examples_dropped": dropped}
 
 
 def write_clean(batch: pa.Table, out: StageOutput) -> pa.Table:
@@ -98,7 +130,7 @@ def write_clean(batch: pa.Table, out: StageOutput) -> pa.Table:
     rejected = pa.table({
         "row_id": dropped.column("request_id"), "trait": dropped.column("trait"),
         "reason": dropped.column("drop_reason"), "text": dropped.column("text"),
-        "detail": pa.array([None] * dropped.num_rows, pa.string()),
+        "detail": dropped.column("raw_text"),  # the model's whole reply, before extraction
     }, schema=schemas.REJECTED)
     return write_split(batch, out, "request_id", kept, rejected)
 
@@ -109,7 +141,7 @@ def run(config: Config, force: bool = False, *, stage: str = STAGE, kinds: list[
     out = StageOutput(config.run.output_dir, stage)
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
-    constitution = load_constitution(config.traits.path)
+    constitution = load_constitution(config.traits.path, config.traits.only)
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data
@@ -133,7 +165,8 @@ def run(config: Config, force: bool = False, *, stage: str = STAGE, kinds: list[
             engine_sized_blocks(requests, config.engine)
             .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
                 model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
-                sampling=cfg.sampling.model_copy(update={"n": 1}).model_dump(), seed=config.run.seed,
+                # One message per list line (prompts.synthesis_prompt): the line's end ends the sample.
+                sampling=cfg.sampling.model_copy(update={"n": 1, "stop": ["\n"]}).model_dump(), seed=config.run.seed,
                 then=write_raw, then_kwargs=dict(out=out)),
                 **generation_pool_args(config.engine))
         )
@@ -147,16 +180,15 @@ def run(config: Config, force: bool = False, *, stage: str = STAGE, kinds: list[
             .groupby("trait", num_partitions=max(1, min(200, len(constitution.traits) // 16 + 1)))
             .map_groups(clean_group, batch_format="pyarrow", fn_kwargs=dict(
                 min_chars=cfg.min_chars, max_chars=cfg.max_chars, near_threshold=cfg.near_duplicate_threshold,
-                num_perm=cfg.minhash_permutations, drop_truncated=cfg.drop_truncated))
+                num_perm=cfg.minhash_permutations, drop_truncated=cfg.drop_truncated,
+                require_question=cfg.require_question))
             .map_batches(write_clean, fn_kwargs=dict(out=out), batch_format="pyarrow")
         )
         result.rows_in, result.rows_out, result.drops, _ = consume_counts(cleaned, f"{stage}: clean", None)
     result.seconds = timer.seconds
-    per_trait = {}
-    if result.rows_out:
-        counts = out.read(columns=["trait"]).column("trait").value_counts().to_pylist()
-        per_trait = {c["values"]: c["counts"] for c in counts}
-    result.extra = {"requested": total, "new_tokens_this_run": new_tokens, "per_trait": per_trait}
+    kept = out.read(schema=schemas.MESSAGES, columns=["trait", "kind", "text"]).to_pylist() if result.rows_out else []
+    rejected = out.read("rejected", schema=schemas.REJECTED).to_pylist() if out.part_files("rejected") else []
+    result.extra = {"requested": total, "new_tokens_this_run": new_tokens, **keep_stats(kept, rejected)}
     out.write_json("stats.json", result.summary())
     out.mark_success(result.summary())
     return result

@@ -109,7 +109,7 @@ def train_loop(loop_config: dict) -> None:
     from character import pm_data
     from character.losses import bradley_terry_loss
     from character.models import load_tokenizer, resolve_model
-    from character.train_common import (NonFiniteGuard, all_agree, build_under_zero, deepspeed_config,
+    from character.train_common import (NonFiniteGuard, StepClock, all_agree, build_under_zero, deepspeed_config,
                                         full_state_dict, is_finite, plain_model_construction, maybe_inject_fault, restore, save_and_report,
                                         setup_distributed, tensorboard_writer)
 
@@ -140,6 +140,7 @@ def train_loop(loop_config: dict) -> None:
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
     writer = tensorboard_writer(config, STAGE) if rank == 0 else None
     metrics = state["last_metrics"]
+    clock = StepClock("train-pm step", state["step"], total, rank == 0)
     for step in range(state["step"], total):
         maybe_inject_fault(config, step)
         epoch, in_epoch = divmod(step, per_epoch)
@@ -164,6 +165,7 @@ def train_loop(loop_config: dict) -> None:
         if writer and losses:
             writer.add_scalar("pm/train_loss", float(np.mean(losses)), step + 1)
         done = step + 1
+        clock.tick(done, f"loss {np.mean(losses):.4f}" if losses else "skipped")
         if done % config.train.checkpoint_every == 0 or done == total:
             if cfg.eval_every == 0 or done == total:
                 metrics = _evaluate(engine, tokenizer, held, cfg, rank, world)

@@ -1,0 +1,91 @@
+"""Time left in a `character run`: a work estimate per stage from the config, calibrated on the run itself.
+
+Work is counted in token passes: one token through the model's forward pass is 1, a training token
+(forward + backward) 3, a generated token 2 (decoding runs at about half the efficiency of a prefill on
+CPU, benchmarks/generation.py). Each stage also pays a fixed start-up (engine actors or a Ray Train worker
+group). After every finished stage, the seconds per token pass measured over the stages done so far turn
+the work left into an estimate; stages skipped as complete count as no work. A rough guide, not a promise:
+it is only as good as the guesses below about how many messages survive filtering.
+"""
+from __future__ import annotations
+
+import time
+from math import comb
+
+from character.config import Config
+
+STARTUP_S = 30.0  # start-up per stage on a 2-core box (import vllm + engine, or Ray Train workers + DeepSpeed)
+PROMPT_TOKENS = 130  # a chat prompt with a system prompt, a typical synthesis or respond prompt here
+KEEP = 0.7  # share of synthesised messages kept (configs/small.yaml on SmolLM2-135M: 0.67)
+
+
+def stage_work(config: Config, n_traits: int, n_seed_questions: int) -> dict[str, float]:
+    """Estimated token passes per stage of `character run`."""
+    syn, res, rank, pm, ppo, ev = (config.synthesize, config.respond, config.rank, config.pm, config.ppo,
+                                   config.evaluate)
+    messages = n_traits * syn.messages_per_trait * KEEP + (n_seed_questions if syn.include_seed_questions else 0)
+    k, answer = res.candidates, res.sampling.max_tokens
+    pairs_per_message = 1 if rank.pairs == "best_worst" else comb(k, 2)
+    if config.judge.kind == "contrast":
+        judging = messages * k * (PROMPT_TOKENS // 2 + answer)  # one baseline prefill per candidate
+    elif config.judge.kind == "model":
+        judging = messages * comb(k, 2) * 2 * (PROMPT_TOKENS + 2 * answer)  # both orders, two answers shown
+    else:
+        judging = 0.0
+    pm_tokens = messages * pairs_per_message * (1 - pm.eval_fraction) * pm.epochs * 2 * (pm.max_length / 2)
+    if pm.max_steps:
+        pm_tokens = min(pm_tokens, pm.max_steps * pm.micro_batch_size * pm.grad_accum * 2 * pm.max_length / 2)
+    rollout = ppo.prompts_per_iteration * (PROMPT_TOKENS + ppo.sampling.max_tokens)
+    # Per iteration: generation, scoring by policy, reference, critic and reward (4 passes), then per PPO epoch
+    # policy and critic forward + backward (2 x 3); held-out evaluations generate and score.
+    ppo_tokens = ppo.iterations * (ppo.prompts_per_iteration * ppo.sampling.max_tokens * 2 + rollout * (4 + 6 * ppo.ppo_epochs))
+    ppo_tokens += (ppo.iterations // ppo.eval_every + 1) * ppo.eval_prompts * (ppo.sampling.max_tokens * 2 + PROMPT_TOKENS)
+    eval_messages = n_traits * (ev.max_messages_per_trait + ev.adversarial_per_trait)
+    generations = 2 * eval_messages * ev.samples * (PROMPT_TOKENS + ev.sampling.max_tokens * 2)
+    scoring = 2 * eval_messages * ev.samples * (PROMPT_TOKENS + ev.sampling.max_tokens) * 2  # reward model + judge
+    return {
+        "synthesize": n_traits * syn.messages_per_trait * (PROMPT_TOKENS + 2 * syn.sampling.max_tokens),
+        "respond": messages * (PROMPT_TOKENS + k * answer * 2),
+        "rank": judging,
+        "train-pm": 3 * pm_tokens,
+        "train-ppo": ppo_tokens,
+        "evaluate": generations + scoring + n_traits * ev.adversarial_per_trait * (PROMPT_TOKENS + 80),
+        "report": 0.0,
+    }
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+class RunProgress:
+    """Prints, before each stage, the time so far and an estimate of the time left."""
+
+    def __init__(self, stages: list[str], work: dict[str, float]):
+        self.stages, self.work = stages, work
+        self.start = time.monotonic()
+        self.done_work = self.done_seconds = 0.0
+        self.stage_start = self.start
+
+    def begin(self, index: int) -> str:
+        self.stage_start = time.monotonic()
+        name = self.stages[index]
+        line = f"[run] stage {index + 1}/{len(self.stages)} {name}: {_clock(self.stage_start - self.start)} so far"
+        left = self.estimate_left(index)
+        return line + (f"; about {_clock(left)} left (estimate)" if left is not None else "")
+
+    def end(self, index: int, skipped: bool) -> None:
+        if skipped:
+            self.work[self.stages[index]] = 0.0
+            return
+        self.done_work += self.work[self.stages[index]]
+        self.done_seconds += max(0.0, time.monotonic() - self.stage_start - STARTUP_S)
+
+    def estimate_left(self, index: int) -> float | None:
+        """Seconds for stages index.. at the rate measured so far; None before any stage has done work."""
+        if self.done_work <= 0:
+            return None
+        rate = self.done_seconds / self.done_work
+        rest = self.stages[index:]
+        return sum(self.work[s] * rate + (STARTUP_S if self.work[s] else 0.0) for s in rest)
