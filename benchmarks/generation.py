@@ -35,6 +35,9 @@ Run (from the repository root):
   .venv/bin/python benchmarks/generation.py
   # a bigger model with a smaller workload
   .venv/bin/python benchmarks/generation.py --model random-qwen2-100m --prompts 64 --n 2 --max-tokens 32
+  # the real model, in-character chats that stop at eos (ragged lengths), as the respond stage runs them
+  .venv/bin/python benchmarks/generation.py --model smollm2-135m-instruct --prompts-from respond --prompts 64 \
+      --n 4 --max-tokens 64 --contenders direct,hf --reps 3
   # quick check
   .venv/bin/python benchmarks/generation.py --reps 1 --prompts 40 --n 2 --max-tokens 16
 """
@@ -76,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--object-store-mb", type=int, default=1024, help="object store of the local Ray")
     p.add_argument("--ray-logs", action="store_true", help="forward Ray worker logs (vLLM warnings) to the driver")
     p.add_argument("--traits", default=str(ROOT / "configs" / "traits" / "constitution.yaml"))
+    p.add_argument("--prompts-from", choices=["synthesis", "respond"], default="synthesis",
+                   help="synthesis: the synthesize stage's list prompts (a random model runs to max tokens); "
+                        "respond: the respond stage's in-character chats (trait system prompt + a seed question), "
+                        "where a real model stops at eos after ragged lengths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=["direct", "hf"], help=argparse.SUPPRESS)  # subprocess mode
     return p.parse_args(argv)
@@ -99,18 +106,25 @@ def sampling_config(args):
 
 
 def build_rows(args) -> list[dict]:
-    """Synthesis-style chat prompts over the constitution's traits, kinds round-robin, one seed per row."""
+    """Chat prompts over the constitution's traits (--prompts-from), one seed per row."""
     from character.config import SynthesizeConfig
-    from character.prompts import SYNTH_SYSTEM, synthesis_prompt
+    from character.prompts import SYNTH_SYSTEM, character_system_prompt, synthesis_prompt
     from character.store import seed_from_id, stable_id
     from character.traits import load_constitution
 
-    traits = load_constitution(args.traits).traits
+    constitution = load_constitution(args.traits)
+    traits = constitution.traits
     kinds = list(SynthesizeConfig().kinds)
     rows = []
     for i in range(args.prompts):
         trait = traits[i % len(traits)]
         index = i // len(traits)
+        if args.prompts_from == "respond":
+            question = trait.questions[index % len(trait.questions)] if trait.questions else trait.statement
+            request_id = stable_id(trait.name, "respond", str(index), str(args.seed))
+            rows.append({"request_id": request_id, "system": character_system_prompt(trait, constitution, "trait"),
+                         "user": question, "assistant_prefix": "", "seed": seed_from_id(request_id, args.seed)})
+            continue
         kind = kinds[index % len(kinds)]
         request_id = stable_id(trait.name, kind, str(index), str(args.seed))
         user, prefix = synthesis_prompt(trait, kind, index)
@@ -194,7 +208,8 @@ def run_worker(kind: str, args) -> dict:
            "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
            "--top-p", str(args.top_p), "--batch-size", str(args.batch_size),
            *(["--concurrent-batches", str(args.concurrent_batches)] if args.concurrent_batches else []),
-           "--hf-batch-size", str(args.hf_batch_size), "--traits", args.traits, "--seed", str(args.seed)]
+           "--hf-batch-size", str(args.hf_batch_size), "--traits", args.traits, "--seed", str(args.seed),
+           "--prompts-from", args.prompts_from]
     env = dict(os.environ)
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     t0 = time.perf_counter()

@@ -118,7 +118,7 @@ def worker_rollout(args) -> None:
     """One process: vLLM RolloutEngine and HF generate on the same weights, interleaved."""
     from character.models import load_causal_lm, load_tokenizer
     from character.pm_data import chat_prefix
-    from character.rollout import RolloutEngine
+    from character.rollout import RolloutEngine, arrays_for_engines
     from character.stages.train_ppo import iteration_seeds, load_prompts
 
     config = make_config(args, args.out)
@@ -168,9 +168,8 @@ def worker_rollout(args) -> None:
             for name in (["vllm", "hf"] if rep % 2 == 0 else ["hf", "vllm"]):
                 tokens, seconds = (run_vllm if name == "vllm" else run_hf)(n, rep)
                 runs.append({"rep": rep, "n": n, "name": name, "tokens": tokens, "s": seconds})
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         t = time.perf_counter()
-        engine.update_weights(state, tie, rep + 1)
+        engine.update_weights(arrays_for_engines(model.state_dict(), tie), tie, rep + 1)
         syncs.append(time.perf_counter() - t)
     emit({"startup_s": startup, "load_s": load, "warm": warm, "threads": torch.get_num_threads(), "runs": runs,
           "sync_s": syncs, "params": sum(p.numel() for p in model.parameters()),

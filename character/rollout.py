@@ -2,11 +2,15 @@
 
 Why hand-written: neither Ray Data nor vLLM's own API moves a training process's freshly updated weights
 into a running engine. After each PPO update the trainer gathers the full policy weights (ZeRO-3
-partitions included), puts them in the object store once, and every engine loads them in place through
-its worker's `reload_weights` (a `collective_rpc`), then drops its prefix cache — cached prompt states
-from the old weights would otherwise be reused and give wrong log-probabilities. No reload from disk.
+partitions included), puts them in the object store once as numpy arrays (`arrays_for_engines`: one copy
+into shared memory, which every engine on the node then reads in place, where pickled torch tensors are
+copied on both ends), and every engine loads them in place through its worker's `reload_weights` (a
+`collective_rpc`), then drops its prefix cache — cached prompt states from the old weights would otherwise
+be reused and give wrong log-probabilities. No reload from disk.
 """
 from __future__ import annotations
+
+import warnings
 
 from character.config import EngineConfig, SamplingConfig
 
@@ -16,6 +20,22 @@ def with_tied_head(state_dict: dict, tie_word_embeddings: bool) -> dict:
     if tie_word_embeddings and "lm_head.weight" not in state_dict and "model.embed_tokens.weight" in state_dict:
         state_dict = {**state_dict, "lm_head.weight": state_dict["model.embed_tokens.weight"]}
     return state_dict
+
+
+def arrays_for_engines(state_dict: dict, tie_word_embeddings: bool) -> dict:
+    """The weights as numpy arrays sharing the tensors' memory, without a tied head (the engine side
+    restores it from the embedding, `with_tied_head`: no second copy of the vocabulary matrix)."""
+    return {k: v.detach().cpu().numpy() for k, v in state_dict.items()
+            if not (tie_word_embeddings and k == "lm_head.weight")}
+
+
+def tensors_from_arrays(arrays: dict) -> dict:
+    """Torch views of (read-only, object-store) numpy arrays; vLLM copies them into its own weights."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def sync_weights(llm, state_dict: dict, tie_word_embeddings: bool) -> None:
@@ -53,8 +73,9 @@ class RolloutEngine:
         return [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
                  "finish_reason": str(o.outputs[0].finish_reason or "length")} for o in outs]
 
-    def update_weights(self, state_dict: dict, tie_word_embeddings: bool, version: int) -> int:
-        sync_weights(self.llm, state_dict, tie_word_embeddings)
+    def update_weights(self, arrays: dict, tie_word_embeddings: bool, version: int) -> int:
+        """`arrays`: name -> numpy array (arrays_for_engines), read in place from the object store."""
+        sync_weights(self.llm, tensors_from_arrays(arrays), tie_word_embeddings)
         self.version = version
         return version
 

@@ -130,15 +130,20 @@ def restore(engines: dict) -> dict | None:
     return state
 
 
-def full_state_dict(engine):
-    """Full fp32 weights on every rank (gathering ZeRO-3 partitions; a collective: call on all ranks)."""
+def full_state_dict(engine, keep: bool = True, copy: bool = True) -> dict | None:
+    """Full fp32 weights (gathering ZeRO-3 partitions: a collective, call it on every rank). `keep=False`
+    returns None (a rank that only takes part in the gather); `copy=False` returns views of the live
+    parameters where ZeRO does not partition them (valid until the next optimizer step)."""
     import deepspeed
 
     model = engine.module
     if zero_stage(engine.config) == 3:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # The gathered storage is freed on leaving the context: copy what is kept.
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep else None
+    if not keep:
+        return None
+    return {k: (v.detach().cpu().clone() if copy else v.detach().cpu()) for k, v in model.state_dict().items()}
 
 
 def plain_model_construction() -> None:

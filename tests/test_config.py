@@ -69,6 +69,17 @@ def test_shipped_constitutions(repo):
     assert [t.name for t in tiny.traits] == ["curiosity", "honesty", "ai_nature"]
 
 
+def test_traits_only_picks_a_subset_and_names_unknown_ones(repo):
+    path = repo / "configs/traits/constitution.yaml"
+    small = load_constitution(path, ["ai_nature", "curiosity"])
+    assert [t.name for t in small.traits] == ["curiosity", "ai_nature"]  # the file's order
+    with pytest.raises(ConfigError, match=r"traits.only.*no_such_trait.*\(it has: curiosity"):
+        load_constitution(path, ["curiosity", "no_such_trait"])
+    config = load_config(repo / "configs/small.yaml")
+    assert config.model.name == "smollm2-135m-instruct" and len(config.traits.only) == 4
+    assert len(load_constitution(config.traits.path, config.traits.only).traits) == 4
+
+
 @pytest.mark.parametrize("content,needle", [
     ("respond:\n  candidates: one\n", "respond.candidates"),
     ("traits:\n  path: /nonexistent/traits.yaml\n", "traits file not found"),

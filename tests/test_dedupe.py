@@ -77,3 +77,19 @@ def test_content_reasons(text, reason):
 def test_statements_pass_when_questions_are_not_required():
     assert content_reason("I am so lucky to have you.", require_question=False) is None
     assert content_reason("As an AI, I don't eat.", require_question=False) == "assistant_voice"
+
+
+def test_keep_stats_counts_generated_messages_and_shows_distinct_examples():
+    from character.stages.synthesize import keep_stats
+
+    kept = [{"trait": "a", "kind": "seed", "text": "Seed?"}, {"trait": "a", "kind": "values", "text": "Why?"},
+            {"trait": "b", "kind": "self", "text": "Who are you?"}]
+    rejected = [{"trait": "a", "reason": "exact_duplicate", "text": "Why?", "detail": " Why?"},
+                {"trait": "a", "reason": "exact_duplicate", "text": "Why?", "detail": " Why? "},
+                {"trait": "b", "reason": "not_a_question", "text": "I am lucky.", "detail": " I am lucky."}]
+    stats = keep_stats(kept, rejected)
+    assert (stats["generated"], stats["generated_kept"], stats["keep_rate"]) == (5, 2, 0.4)  # seeds aside
+    assert stats["per_trait"] == {"a": 2, "b": 1}
+    assert stats["examples_kept"] == {"a": [{"kind": "values", "text": "Why?"}], "b": [{"kind": "self", "text": "Who are you?"}]}
+    assert len(stats["examples_dropped"]["exact_duplicate"]) == 1  # one example per distinct text
+    assert stats["examples_dropped"]["not_a_question"][0]["reply"] == " I am lucky."

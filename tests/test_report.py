@@ -108,7 +108,10 @@ def make_run(tmp_path, *, ppo=True, evaluation=True):
         "position_bias_mean_p_first": 0.52, "label_histogram": {"edges": [0, 0.5, 1.0], "counts": [3, 7]},
         "pairs_per_trait": {"curiosity": 6, "honesty": 4}, "drops": {"identical_candidate": 2}})
     StageOutput(out, "messages").write_json("stats.json", {
-        "requested": 12, "rows_in": 12, "rows_out": 9, "drops": {"near_duplicate": 2, "too_short": 1}})
+        "requested": 12, "rows_in": 12, "rows_out": 9, "drops": {"near_duplicate": 2, "too_short": 1},
+        "generated": 12, "generated_kept": 9, "keep_rate": 0.75,
+        "examples_kept": {"curiosity": [{"kind": "values", "text": "Why do stars twinkle?"}]},
+        "examples_dropped": {"too_short": [{"trait": "honesty", "text": "Hi", "reply": f" Hi {EVIL}"}]}})
     StageOutput(out, "responses").write_json("stats.json", {"rows_in": 9, "rows_out": 9, "drops": {}})
     return config_from_dict({"run": {"output_dir": out}}, "test.yaml")
 
@@ -146,6 +149,8 @@ def test_report_page(tmp_path):
             assert shown == f"{value:.4f}" and math.isclose(float(shown), round(value, 4)), key
     # Transcripts: n=2 messages per trait and split, sample 0 only, both models side by side.
     joined = "".join(page.text)
+    assert "keep rate 0.7500" in joined and "Why do stars twinkle?" in joined  # synthesis keep rate, examples
+    assert f"Hi {EVIL}" in joined  # a dropped message shows the model's whole reply (escaped: no script tag)
     assert joined.count("base answer 0") == len(TRAITS) * len(report.SPLITS) * 2
     assert "answer 1" not in joined and "prompt 2" not in joined
 

@@ -48,6 +48,7 @@ def ppo_loop(loop_config: dict) -> None:
                                   explained_variance, masked_mean)
     from character.models import load_tokenizer, resolve_model
     from character.pm_data import chat_prefix
+    from character.rollout import arrays_for_engines
     from character.stages.train_ppo import STAGE, Scorer, _export, _frozen, iteration_seeds, load_prompts, now
     from character.store import StageOutput
     from character.train_common import (NonFiniteGuard, StepClock, all_agree, build_under_zero, deepspeed_config,
@@ -95,12 +96,13 @@ def ppo_loop(loop_config: dict) -> None:
         return [chat_prefix(tokenizer, r["text"])[-cfg.max_prompt_tokens:] for r in rows]
 
     def sync(version: int) -> float:
-        """Full policy weights (ZeRO-3 gathered) into every vLLM engine, in place."""
+        """Full policy weights (ZeRO-3 gathered) into every vLLM engine, in place (character/rollout.py)."""
         start = now()
-        weights = full_state_dict(policy)
+        weights = full_state_dict(policy, keep=rank == 0, copy=False)
         if rank == 0:
-            ref = ray.put(weights)
+            ref = ray.put(arrays_for_engines(weights, tie))  # the one copy: into the object store
             ray.get([e.update_weights.remote(ref, tie, version) for e in engines])
+            del ref, weights
         dist.barrier()
         return now() - start
 
