@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from character.config import config_from_dict
+from character import figures
 from character.stages import report
 from character.store import StageOutput
 
@@ -69,7 +70,7 @@ def make_run(tmp_path, *, ppo=True, evaluation=True):
         ev = StageOutput(out, "eval")
         rows = []
         for t, trait in enumerate(TRAITS):
-            for split in report.SPLITS:
+            for split in figures.SPLITS:
                 for m in range(3):
                     for model in ("base", "trained"):
                         for sample in range(2):
@@ -79,11 +80,11 @@ def make_run(tmp_path, *, ppo=True, evaluation=True):
                                          "n_words": 5, "n_tokens": 7, "finish_reason": "stop", "win_prob": 0.6})
         ev.write_part(pa.Table.from_pylist(rows))
         groups = {f"{trait}/{split}": _group(trait, split, k)
-                  for k, (trait, split) in enumerate((t, s) for t in TRAITS for s in report.SPLITS)}
+                  for k, (trait, split) in enumerate((t, s) for t in TRAITS for s in figures.SPLITS)}
         groups["curiosity/held_out"]["pm_delta"]["hi"] = None  # a missing number renders as n/a
         ev.write_json("summary.json", {"base_model": "tiny-llama", "trained_model": "policy", "judge": "model:pm",
                                        "samples": 2, "groups": groups,
-                                       "overall": {s: _group(None, s, 1) for s in report.SPLITS}})
+                                       "overall": {s: _group(None, s, 1) for s in figures.SPLITS}})
         ev.mark_success({"rows_out": len(rows)})
     if ppo:
         lines = [{"iteration": 0, "eval_reward": 0.1}]
@@ -151,7 +152,7 @@ def test_report_page(tmp_path):
     joined = "".join(page.text)
     assert "keep rate 0.7500" in joined and "Why do stars twinkle?" in joined  # synthesis keep rate, examples
     assert f"Hi {EVIL}" in joined  # a dropped message shows the model's whole reply (escaped: no script tag)
-    assert joined.count("base answer 0") == len(TRAITS) * len(report.SPLITS) * 2
+    assert joined.count("base answer 0") == len(TRAITS) * len(figures.SPLITS) * 2
     assert "answer 1" not in joined and "prompt 2" not in joined
 
 
@@ -185,8 +186,8 @@ def test_pure_helpers():
                                                                  "pm_delta": {"mean": 1 / 3}}}})
     assert 'data-key="a/held_out.pm_delta.mean">0.3333<' in table and "<b>" not in table
     # Builders cope with a missing split and empty inputs.
-    fig = report.win_rate_figure({"t/held_out": {"trait": "t", "split": "held_out", "win_rate": _ci(0.6)}})
-    assert report.png_data_uri(fig).startswith("data:image/png;base64,")
-    for fig in (report.funnel_figure(None, {"rows_in": 3, "rows_out": 2, "drops": {}}, None),
-                report.ranking_figure({}), report.pm_calibration_figure({})):
-        assert report.png_data_uri(fig)
+    fig = figures.win_rate_figure({"t/held_out": {"trait": "t", "split": "held_out", "win_rate": _ci(0.6)}})
+    assert figures.png_data_uri(fig).startswith("data:image/png;base64,")
+    for fig in (figures.funnel_figure(None, {"rows_in": 3, "rows_out": 2, "drops": {}}, None),
+                figures.ranking_figure({}), figures.pm_calibration_figure({})):
+        assert figures.png_data_uri(fig)
