@@ -386,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
                           "direct_warm/hf_gen": ("direct_warm", "hf_gen")}.items():
         reps = ", ".join(f"{x:.2f}" for x in per_rep_ratios[label])
         print(f"    {label:<22}{ratio(med.get(a), med.get(b)):>8}   [{reps}]")
+    from benchmarks.limits import decode_limit_line
+
+    print("  " + decode_limit_line(resolve_model(args.model), {k: med[k] for k in ("direct_warm", "ray_e2e") if k in med}))
     counts = {name: sorted(set(v)) for name, v in tokens_seen.items()}
     print(f"  new tokens per run: {counts} (requested {requested}; vLLM paths use the same per-row seeds)")
     if "ray" in contenders:

@@ -1,7 +1,7 @@
 """Known-signal learning check: does PPO put a rule a reader can check into SmolLM2-135M-Instruct?
 
 The rule (for the trait about being an AI, `ai_nature`): an answer scores 1 if it contains the word "AI"
-(as in "As an AI, I don't eat"), else 0 — `judge.rule: {type: keywords, words: [AI], max_count: 1}`.
+in any case (as in "As an AI, I don't eat"), else 0 — `judge.rule: {type: keywords, words: [AI], max_count: 1}`.
 Steps, all through the real stages on configs/small.yaml narrowed to that one trait:
 
   1. `synthesize` writes messages for the trait (real Ray Data + vLLM, as the main job);
@@ -19,7 +19,7 @@ from policy/metrics.jsonl, and examples of base vs trained answers. Everything l
 <run>/learning.json. Takes tens of minutes on a 2-core box; not part of CI.
 
 Run (from the repository root):
-  .venv/bin/python benchmarks/learning.py                       # full: 96 messages, 16 PPO iterations
+  .venv/bin/python benchmarks/learning.py                       # full: 80 messages, 8 PPO iterations (~11 min)
   .venv/bin/python benchmarks/learning.py --iterations 2 --messages 24 --samples 2   # quick check
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -45,18 +44,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"))
     p.add_argument("--output-dir", default=str(ROOT / "runs" / "learning"))
-    p.add_argument("--messages", type=int, default=96, help="synthesised messages for the trait")
-    p.add_argument("--iterations", type=int, default=16, help="PPO iterations")
+    p.add_argument("--messages", type=int, default=80, help="synthesised messages for the trait")
+    p.add_argument("--iterations", type=int, default=8, help="PPO iterations")
     p.add_argument("--samples", type=int, default=4, help="answers per held-out message and model")
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--kl-coef", type=float, default=0.02)
     p.add_argument("overrides", nargs="*", help="further dotted config overrides")
     return p.parse_args(argv)
 
 
 def hit(text: str) -> int:
-    """The rule as a reader checks it: the word AI appears."""
-    return int(re.search(rf"\b{RULE_WORD}\b", text) is not None)
+    """The reward's own rule (RuleJudge, keywords, max_count 1): 1 when the word "AI" appears, in any case,
+    as a whole word ("AI-powered" counts, "said" does not)."""
+    from character.config import RuleConfig
+    from character.judge import RuleJudge
+
+    return int(RuleJudge(RuleConfig(type="keywords", words=[RULE_WORD], max_count=1)).score(text))
 
 
 def t_interval(diffs: list[float], level: float = 0.95) -> dict:
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
         f"synthesize.messages_per_trait={args.messages}", "judge.kind=rule", "judge.rule.type=keywords",
         f"judge.rule.words=[{RULE_WORD}]", "judge.rule.max_count=1", "ppo.reward=rule", "ppo.critic_init=policy",
         f"ppo.iterations={args.iterations}", f"ppo.lr={args.lr}", f"ppo.kl_coef={args.kl_coef}",
-        "ppo.eval_fraction=0.3", "ppo.eval_prompts=16", "ppo.eval_every=4", "ppo.ppo_epochs=2", *args.overrides])
+        "ppo.eval_fraction=0.4", "ppo.eval_prompts=16", "ppo.eval_every=4", "ppo.ppo_epochs=1", *args.overrides])
     started = time.time()
     synthesize.run(config)
     ppo = train_ppo.run(config)

@@ -1,8 +1,10 @@
 """Time left in a `character run`: a work estimate per stage from the config, calibrated on the run itself.
 
-Work is counted in token passes: one token through the model's forward pass is 1, a training token
-(forward + backward) 3, a generated token 2 (decoding runs at about half the efficiency of a prefill on
-CPU, benchmarks/generation.py). Each stage also pays a fixed start-up (engine actors or a Ray Train worker
+Work is counted in vLLM token passes: one prompt token through vLLM's forward pass is 1, a generated token 2
+(decoding runs at about half the efficiency of a prefill on CPU, benchmarks/generation.py), a token through
+a Hugging Face forward pass (PPO scoring) 2 and a training token 8: forward + backward + AdamW in fp32 under
+DeepSpeed, with the Ray Train workers sharing the cores, ran at about 3x the seconds of vLLM's 3 passes in
+the main job here (2026-12-01: 1.4-1.8 ms per vLLM pass in the generating stages, 4.3 in train-pm). Each stage also pays a fixed start-up (engine actors or a Ray Train worker
 group). After every finished stage, the seconds per token pass measured over the stages done so far turn
 the work left into an estimate; stages skipped as complete count as no work. A rough guide, not a promise:
 it is only as good as the guesses below about how many messages survive filtering.
@@ -16,7 +18,9 @@ from character.config import Config
 
 STARTUP_S = 30.0  # start-up per stage on a 2-core box (import vllm + engine, or Ray Train workers + DeepSpeed)
 PROMPT_TOKENS = 130  # a chat prompt with a system prompt, a typical synthesis or respond prompt here
-KEEP = 0.7  # share of synthesised messages kept (configs/small.yaml on SmolLM2-135M: 0.67)
+KEEP = 0.7  # share of synthesised messages kept (configs/small.yaml on SmolLM2-135M: 0.66)
+HF_FORWARD = 2.0  # one token through a Hugging Face forward pass, in vLLM passes
+TRAIN_PASS = 8.0  # one training token (forward + backward + optimizer step), in vLLM passes
 
 
 def stage_work(config: Config, n_traits: int, n_seed_questions: int) -> dict[str, float]:
@@ -36,9 +40,10 @@ def stage_work(config: Config, n_traits: int, n_seed_questions: int) -> dict[str
     if pm.max_steps:
         pm_tokens = min(pm_tokens, pm.max_steps * pm.micro_batch_size * pm.grad_accum * 2 * pm.max_length / 2)
     rollout = ppo.prompts_per_iteration * (PROMPT_TOKENS + ppo.sampling.max_tokens)
-    # Per iteration: generation, scoring by policy, reference, critic and reward (4 passes), then per PPO epoch
-    # policy and critic forward + backward (2 x 3); held-out evaluations generate and score.
-    ppo_tokens = ppo.iterations * (ppo.prompts_per_iteration * ppo.sampling.max_tokens * 2 + rollout * (4 + 6 * ppo.ppo_epochs))
+    # Per iteration: generation, scoring by policy, reference, critic and reward (4 forward passes), then per PPO
+    # epoch policy and critic training; held-out evaluations generate and score.
+    per_iteration = rollout * (4 * HF_FORWARD + 2 * TRAIN_PASS * ppo.ppo_epochs)
+    ppo_tokens = ppo.iterations * (ppo.prompts_per_iteration * ppo.sampling.max_tokens * 2 + per_iteration)
     ppo_tokens += (ppo.iterations // ppo.eval_every + 1) * ppo.eval_prompts * (ppo.sampling.max_tokens * 2 + PROMPT_TOKENS)
     eval_messages = n_traits * (ev.max_messages_per_trait + ev.adversarial_per_trait)
     generations = 2 * eval_messages * ev.samples * (PROMPT_TOKENS + ev.sampling.max_tokens * 2)
@@ -47,7 +52,7 @@ def stage_work(config: Config, n_traits: int, n_seed_questions: int) -> dict[str
         "synthesize": n_traits * syn.messages_per_trait * (PROMPT_TOKENS + 2 * syn.sampling.max_tokens),
         "respond": messages * (PROMPT_TOKENS + k * answer * 2),
         "rank": judging,
-        "train-pm": 3 * pm_tokens,
+        "train-pm": TRAIN_PASS * pm_tokens,
         "train-ppo": ppo_tokens,
         "evaluate": generations + scoring + n_traits * ev.adversarial_per_trait * (PROMPT_TOKENS + 80),
         "report": 0.0,

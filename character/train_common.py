@@ -217,8 +217,10 @@ class StepClock:
             return
         per_step = (time.monotonic() - self.start) / (done - self.first)
         left = per_step * (self.total - done)
+        # sys.__stdout__: Ray Train 2.60 patches print() in its workers to tee stdout into its logger, and
+        # both reach the driver, so every line showed twice; the worker's own stdout reaches it once.
         print(f"[{self.label}] {done}/{self.total}, {per_step:.1f} s each, about {left:.0f} s left"
-              + (f"; {extra}" if extra else ""), flush=True)
+              + (f"; {extra}" if extra else ""), file=sys.__stdout__, flush=True)
 
 
 def tensorboard_writer(config: Config, name: str):

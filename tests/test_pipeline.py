@@ -158,10 +158,10 @@ def test_character_run_skips_complete_stages_and_redoes_after_a_deleted_one(subm
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do: every stage is complete" in again.stdout
     assert "Started a local Ray instance" not in again.stdout + again.stderr  # no work, not even a Ray
-    before = {s: (run_dir / s / "_SUCCESS").stat().st_mtime for s in ("messages", "responses")}
-    shutil.rmtree(run_dir / "preferences")
+    before = {s: (run_dir / s / "_SUCCESS").stat().st_mtime for s in ("messages", "responses", "preferences", "pm")}
+    shutil.rmtree(run_dir / "policy")
     redo = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
     assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
-    assert "stages run: rank, train-pm, train-ppo, evaluate, report" in redo.stdout
+    assert "stages run: train-ppo, evaluate, report" in redo.stdout
     assert {s: (run_dir / s / "_SUCCESS").stat().st_mtime for s in before} == before
     assert (run_dir / "report" / "_SUCCESS").is_file()
