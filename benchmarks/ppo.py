@@ -28,7 +28,8 @@ What it measures, in two parts (--parts), on one model (--model, default the bui
            warm-up call first. Figures: tokens/s (new tokens actually generated, eos included, padding
            excluded) and rollouts/s, and the ratio vllm/hf (target: > 1, vLLM faster). Also the in-place
            weight sync alone (`RolloutEngine.update_weights` with the HF model's state_dict, no Ray, no
-           gather) next to one rollout batch's vLLM generation time.
+           gather) next to one rollout batch's vLLM generation time, and a plain copy (clone) of the same
+           weights: the floor a sync cannot beat.
 
 Quote MEDIANS over the repetitions together with the machine load printed at start and end: on a 2-core
 box anything else running (a test suite) skews absolute figures; the interleaved ratios are more robust.
@@ -37,6 +38,8 @@ Run (from the repository root):
   .venv/bin/python benchmarks/ppo.py                                  # full: tiny-llama, 8 iterations, 3 reps
   .venv/bin/python benchmarks/ppo.py --model random-llama-5m          # bigger weights: a more telling sync share
   .venv/bin/python benchmarks/ppo.py --iterations 3 --reps 1 --prompts 16   # quick check
+  # the real model: rollouts and the weight sync next to a plain copy of the weights
+  .venv/bin/python benchmarks/ppo.py --model smollm2-135m-instruct --parts rollout --prompts 16 --reps 3 --messages-per-trait 8
 """
 from __future__ import annotations
 

@@ -100,6 +100,10 @@ def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
+    if not os.path.exists(out.path("metrics.jsonl")):
+        # The loop writes its first metrics line before any checkpoint, so checkpoints without it belong to a
+        # deleted output: resuming them would skip the iterations whose history is gone. Start afresh.
+        StageOutput(config.run.output_dir, f"_train/{STAGE}").reset()
     from character.config import check_stage_config
 
     check_stage_config(config, "train-ppo")
