@@ -53,15 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def hit(text: str) -> int:
-    """The reward's own rule (RuleJudge, keywords, max_count 1): 1 when the word "AI" appears, in any case,
-    as a whole word ("AI-powered" counts, "said" does not)."""
-    from character.config import RuleConfig
-    from character.judge import RuleJudge
-
-    return int(RuleJudge(RuleConfig(type="keywords", words=[RULE_WORD], max_count=1)).score(text))
-
-
 def t_interval(diffs: list[float], level: float = 0.95) -> dict:
     """Mean of per-message differences with a t interval over messages."""
     from scipy import stats
@@ -97,6 +88,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from character.config import load_config
+    from character.judge import RuleJudge
     from character.stages import synthesize, train_ppo
     from character.store import StageOutput
 
@@ -113,8 +105,10 @@ def main(argv=None) -> int:
     policy = StageOutput(config.run.output_dir, "policy").path()
     base_answers = answers(config.model.name, config, held, args.samples)
     trained_answers = answers(policy, config, held, args.samples)
-    base_hits = [[hit(a) for a in xs] for xs in base_answers]
-    trained_hits = [[hit(a) for a in xs] for xs in trained_answers]
+    # Scored by the reward's own rule (judge.rule above: "AI" as a whole word, any case, counted once).
+    rule = RuleJudge(config.judge.rule)
+    base_hits = [[int(rule.score(a)) for a in xs] for xs in base_answers]
+    trained_hits = [[int(rule.score(a)) for a in xs] for xs in trained_answers]
     paired = [(statistics.fmean(t), statistics.fmean(b)) for t, b in zip(trained_hits, base_hits) if t and b]
     change = t_interval([t - b for t, b in paired])
     metrics = [json.loads(x) for x in open(StageOutput(config.run.output_dir, "policy").path("metrics.jsonl"))]
