@@ -6,8 +6,9 @@ a Hugging Face forward pass (PPO scoring) 2 and a training token 8: forward + ba
 DeepSpeed, with the Ray Train workers sharing the cores, ran at about 3x the seconds of vLLM's 3 passes in
 the main job here (2026-12-01: 1.4-1.8 ms per vLLM pass in the generating stages, 4.3 in train-pm).
 Each stage also pays a fixed start-up (engine actors or a Ray Train worker group). After every finished
-stage, the seconds per token pass measured over the stages done so far turn the work left into an estimate; stages skipped as complete count as no work. A rough guide, not a promise:
-it is only as good as the guesses below about how many messages survive filtering.
+stage, the seconds per token pass measured over the stages done so far turn the work left into an estimate;
+stages skipped as complete count as no work. A rough guide, not a promise: it is only as good as the
+guesses below about how many messages survive filtering.
 """
 from __future__ import annotations
 
