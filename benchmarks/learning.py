@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from character.config import load_config
     from character.judge import RuleJudge
+    from character.splits import message_split
     from character.stages import synthesize, train_ppo
     from character.store import StageOutput
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     started = time.time()
     synthesize.run(config)
     ppo = train_ppo.run(config)
-    _, held = train_ppo.load_prompts(config)
+    _, held = message_split(config)
     policy = StageOutput(config.run.output_dir, "policy").path()
     base_answers = answers(config.model.name, config, held, args.samples)
     trained_answers = answers(policy, config, held, args.samples)

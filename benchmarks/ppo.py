@@ -122,12 +122,13 @@ def worker_rollout(args) -> None:
     from character.models import load_causal_lm, load_tokenizer
     from character.pm_data import chat_prefix
     from character.rollout import RolloutEngine, arrays_for_engines
-    from character.stages.train_ppo import iteration_seeds, load_prompts
+    from character.ppo_trainer import iteration_seeds
+    from character.splits import message_split
 
     config = make_config(args, args.out)
     cfg, seed = config.ppo, config.run.seed
     sizes = [int(x) for x in args.prompts.split(",") if x.strip()]
-    train, _ = load_prompts(config)
+    train, _ = message_split(config)
     tokenizer = load_tokenizer(config.model.name)
     rows = [train[k % len(train)] for k in range(max(sizes))]  # wraps around like ppo_loop's epochs
     prompts = [chat_prefix(tokenizer, r["text"])[-cfg.max_prompt_tokens:] for r in rows]

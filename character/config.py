@@ -191,6 +191,10 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)  # OpenMP threads per CPU worker follow this
     deepspeed_config: str = "configs/deepspeed/zero2.json"
+    # Weights and activations of the trained and frozen models (PM, policy, critic, reference); "auto":
+    # model.dtype. bfloat16/float16 add the matching section to the DeepSpeed config (fp32 master weights in
+    # the optimizer); losses, advantages and log-probabilities are computed in fp32 either way.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_failures: int = Field(1, ge=-1)  # Ray Train FailureConfig: restarts from the latest checkpoint
     checkpoint_every: int = Field(20, ge=1)  # steps
     keep_checkpoints: int = Field(2, ge=1)
@@ -223,7 +227,8 @@ class PPOConfig(Strict):
     reward: Literal["pm", "rule"] = "pm"  # the trained preference model, or judge.rule's score
     critic_init: Literal["pm", "policy"] = "pm"
     iterations: int = Field(20, ge=1)
-    prompts_per_iteration: int = Field(32, ge=1)  # global; must divide evenly over train.num_workers
+    # Global; a count that does not divide by the workers is padded with zero-weight rows (never cut).
+    prompts_per_iteration: int = Field(32, ge=1)
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=32)
     )
@@ -247,6 +252,11 @@ class PPOConfig(Strict):
     eval_every: int = Field(5, ge=1)
     rollout_engines: int = Field(1, ge=1)
     max_nonfinite_in_row: int = Field(3, ge=1)
+    # Sequences per forward pass when scoring (policy, reference, critic, PM) and per backward pass in
+    # training (minibatch_size is split into forward_batch_size pieces, gradients accumulated): bounds
+    # the logits kept at once whatever prompts_per_iteration is.
+    forward_batch_size: int = Field(4, ge=1)
+    logits_chunk: int = Field(128, ge=1)  # sequence positions per fp32 log-softmax when reading log-probs
 
 
 class EvaluateConfig(Strict):
@@ -277,6 +287,10 @@ class Config(Strict):
     # Where the YAML came from; relative paths in the config resolve against the working directory.
     source: str | None = None
 
+    @property
+    def train_dtype(self) -> str:
+        return self.model.dtype if self.train.dtype == "auto" else self.train.dtype
+
     @model_validator(mode="after")
     def _absolute_paths(self) -> Config:
         # Ray workers run in other directories: local paths are made absolute where the command runs.
@@ -288,8 +302,24 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if isinstance(self.train.num_workers, int) and self.ppo.prompts_per_iteration % self.train.num_workers:
-            raise ValueError("ppo.prompts_per_iteration must be a multiple of train.num_workers")
+        ppo = self.ppo
+        if ppo.forward_batch_size < ppo.minibatch_size and ppo.minibatch_size % ppo.forward_batch_size:
+            raise ValueError(f"ppo.minibatch_size ({ppo.minibatch_size}) must be a multiple of ppo.forward_batch_size "
+                             f"({ppo.forward_batch_size}): a minibatch is accumulated over whole forward batches")
+        if ppo.reward == "rule" and self.judge.rule.type == "keywords" and not self.judge.rule.words:
+            raise ValueError("ppo.reward is 'rule' but judge.rule is a keywords rule with no judge.rule.words: every "
+                             "response would score 0 (set judge.rule.words, or judge.rule.type: length)")
+        if ppo.critic_init == "pm" and self.pm.base_model not in (None, self.model.name):
+            raise ValueError(f"ppo.critic_init is 'pm' but pm.base_model ({self.pm.base_model}) is not the policy "
+                             f"({self.model.name}): the critic reads the policy's token ids, which another "
+                             f"tokenizer does not share (set ppo.critic_init: policy)")
+        if ppo.kl_target is not None and ppo.kl_coef == 0:
+            raise ValueError("ppo.kl_target needs ppo.kl_coef > 0: the adaptive controller scales the coefficient, "
+                             "and 0 stays 0")
+        if self.train.dtype == "float16" or (self.train.dtype == "auto" and self.model.dtype == "float16"):
+            if not self.train.use_gpu:
+                raise ValueError("float16 training needs train.use_gpu (DeepSpeed's fp16 optimizer is GPU-only); "
+                                 "use bfloat16 or float32 on CPU")
         if self.synthesize.min_chars > self.synthesize.max_chars:
             raise ValueError("synthesize.min_chars must be <= synthesize.max_chars")
         return self
@@ -298,6 +328,20 @@ class Config(Strict):
 def check_stage_config(config: Config, stage: str) -> None:
     """Constraints that only matter to one stage, checked before that stage (or `run`) starts."""
     origin = config.source or "<config>"
+    if stage in ("train-pm", "train-ppo"):
+        from character.train_common import read_deepspeed_json, zero_stage
+
+        if zero_stage(read_deepspeed_json(config.train.deepspeed_config)) == 0:
+            raise ConfigError(f"{origin}: field 'train.deepspeed_config': {config.train.deepspeed_config} uses ZeRO stage 0, "
+                              f"whose fp32 optimizer steps on non-finite gradients instead of skipping them; use "
+                              f"configs/deepspeed/zero1.json, zero2.json or zero3.json")
+    if stage in ("train-pm", "train-ppo") and not isinstance(config.train.num_workers, int):
+        from character.train_common import read_deepspeed_json, zero_stage
+
+        if zero_stage(read_deepspeed_json(config.train.deepspeed_config)) == 3:
+            raise ConfigError(f"{origin}: field 'train.num_workers': a range {list(config.train.num_workers)} (elastic "
+                              f"group) with ZeRO-3 ({config.train.deepspeed_config}): DeepSpeed cannot load stage-3 "
+                              f"checkpoints on another number of workers; use a fixed number, or ZeRO-1/2")
     if stage == "train-ppo" and config.ppo.sampling.max_tokens + config.ppo.max_prompt_tokens > config.engine.max_model_len:
         raise ConfigError(f"{origin}: field 'ppo.max_prompt_tokens': {config.ppo.max_prompt_tokens} prompt tokens + "
                           f"{config.ppo.sampling.max_tokens} new tokens do not fit engine.max_model_len "

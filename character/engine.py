@@ -123,6 +123,29 @@ def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: l
     return results
 
 
+class PerThreadTokenizer:
+    """One HF tokenizer per thread. Why: Ray Data runs `engine.concurrent_batches` calls of an actor in
+    threads at once, and a fast tokenizer's truncation/padding settings are state of the one Rust object:
+    a call that sets them changes what the other threads' calls return (silently truncated prompts,
+    measured in tests/test_generation_stages.py), or fails with "Already borrowed"."""
+
+    def __init__(self, model_name: str):
+        import threading
+
+        from character.models import resolve_model
+
+        self.path = resolve_model(model_name)
+        self._local = threading.local()
+
+    def get(self):
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            from character.models import load_tokenizer
+
+            tokenizer = self._local.tokenizer = load_tokenizer(self.path)
+        return tokenizer
+
+
 class ChatGenerator:
     """Ray Data actor: rows with `system`, `user`, `seed` (and optionally `assistant_prefix`) in; `outputs`,
     `finish_reasons`, `reject_reason`, `detail`, `new_tokens` appended (with `logprobs`, also
@@ -144,9 +167,7 @@ class ChatGenerator:
         self.sampling = SamplingConfig.model_validate(sampling)
         # Ray Data runs up to engine.concurrent_batches calls at once (generation_pool_args); they share it.
         self.llm = SharedEngine(create_llm(model_name, dtype, self.engine, seed))
-        from character.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(model_name)
+        self.tokenizers = PerThreadTokenizer(model_name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         generated = self.generate(batch)
@@ -154,7 +175,7 @@ class ChatGenerator:
 
     def generate(self, batch: pa.Table) -> pa.Table:
         results = generate_chat(
-            self.llm, self.tokenizer,
+            self.llm, self.tokenizers.get(),
             batch.column("system").to_pylist(), batch.column("user").to_pylist(), batch.column("seed").to_pylist(),
             self.sampling, self.engine.max_model_len,
             batch.column("assistant_prefix").to_pylist() if "assistant_prefix" in batch.column_names else None,
@@ -210,3 +231,15 @@ def actor_pool_args(engine: EngineConfig, concurrent_calls: int = 1) -> dict:
         # The env must be in place before the actor imports vllm.
         runtime_env={"env_vars": engine_env(engine)},
     )
+
+
+def judge_pool_args(config) -> dict:
+    """Ray Data actor-pool arguments for judge workers (rank and evaluate), from `config.judge`."""
+    if config.judge.kind != "rule":
+        # One call at a time: a model judge's requests are single-token prefills, with no generation tail for
+        # a concurrent batch to fill (cf. generation_pool_args).
+        return actor_pool_args(config.engine)
+    import ray.data
+
+    return dict(compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.engine.actors.max),
+                batch_size=config.engine.batch_size, num_cpus=0.5, batch_format="pyarrow")

@@ -43,12 +43,15 @@ class RandomModelSpec:
     # eos, so every response runs to max_tokens; with a bias, lengths vary like a real model's and
     # length-based rules (and PPO against them) have something to act on.
     eos_logit: float | None = None
+    # Tokenizer vocabulary (the BPE is trained to this size): models of different sizes have different
+    # token ids for the same text, as two model families do (tests of cross-tokenizer scoring need that).
+    vocab: int = TOKENIZER_VOCAB
 
 
 # head_dim is 64 everywhere: vLLM's CPU attention kernels support it.
 BUILTIN_MODELS: dict[str, RandomModelSpec] = {
     "tiny-llama": RandomModelSpec("llama", 128, 2, 2, 1, 256, tie_word_embeddings=False, eos_logit=6.0),
-    "tiny-qwen2": RandomModelSpec("qwen2", 128, 2, 2, 1, 256, tie_word_embeddings=True, eos_logit=6.0),
+    "tiny-qwen2": RandomModelSpec("qwen2", 128, 2, 2, 1, 256, tie_word_embeddings=True, eos_logit=6.0, vocab=1536),
     "random-llama-5m": RandomModelSpec("llama", 256, 4, 4, 4, 688, tie_word_embeddings=False),
     "random-llama-25m": RandomModelSpec("llama", 512, 6, 8, 8, 1376, tie_word_embeddings=False),
     "random-qwen2-100m": RandomModelSpec("qwen2", 768, 12, 12, 12, 2304, tie_word_embeddings=True),
@@ -91,7 +94,7 @@ def _corpus_path() -> Path:
     return Path(__file__).parent / "assets" / "tokenizer_corpus.txt"
 
 
-def build_tokenizer(target: Path) -> None:
+def build_tokenizer(target: Path, vocab: int = TOKENIZER_VOCAB) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,7 +102,7 @@ def build_tokenizer(target: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB,
+        vocab_size=vocab,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
         show_progress=False,
@@ -131,7 +134,7 @@ def build_random_model(name: str, spec: RandomModelSpec, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    build_tokenizer(target)
+    build_tokenizer(target, spec.vocab)
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     eos, pad, bos = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|pad|>", "<|endoftext|>"))
     config = AutoConfig.for_model(
@@ -236,7 +239,8 @@ def _build_cached(final: Path, build) -> str:
 
 
 def resolve_model(name: str) -> str:
-    """Path or hub id for `name`; builds and caches a built-in model on first use."""
+    """Path or hub id for `name`; builds and caches a built-in model on first use; a folder on object
+    storage (`s3://...`, e.g. this run's exported policy) is fetched into the local cache first."""
     if name in BUILTIN_MODELS:
         spec = BUILTIN_MODELS[name]
         final = cache_root() / "models" / f"{name}-{_spec_key(name, spec)}"
@@ -247,6 +251,10 @@ def resolve_model(name: str) -> str:
         stat = gguf.stat()
         key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}:{MODEL_FORMAT_VERSION}".encode()).hexdigest()[:12]
         return _build_cached(cache_root() / "models" / f"{name}-{key}", lambda tmp: convert_gguf_model(gguf, tmp))
+    from character.store import fetch_folder, is_remote
+
+    if is_remote(name):  # an exported pm/ or policy/ on object storage: a local copy, fetched once per node
+        return fetch_folder(name, str(cache_root() / "fetched"))
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -269,3 +277,29 @@ def load_causal_lm(name: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=getattr(torch, dtype))
+
+
+def export_model(model_class, model_config, weights: dict, tokenizer, uri: str, files: dict | None = None) -> None:
+    """A trained model as an ordinary HF folder at `uri` (local or object storage): a clean model built from
+    `model_config` takes `weights` strictly (a missing or unexpected key is an error, not a silently
+    untrained tensor), saved with `save_pretrained` (safetensors) with the tokenizer and `files` (name ->
+    JSON-able payload), in the weights' own dtype. Written to a temporary folder first, then published."""
+    import tempfile
+
+    from character.store import is_remote, publish_folder, split_uri
+
+    dtype = next(iter(weights.values())).dtype
+    model = model_class.from_config(model_config, dtype=dtype)
+    model.load_state_dict(weights, strict=True)
+    local_parent = None if is_remote(uri) else os.path.dirname(split_uri(uri)[1])
+    if local_parent:
+        os.makedirs(local_parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=local_parent)  # same disk as the target: renames are atomic
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, payload in (files or {}).items():
+            Path(tmp, name).write_text(json.dumps(payload, indent=2, sort_keys=True))
+        publish_folder(tmp, uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

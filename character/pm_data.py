@@ -2,8 +2,9 @@
 
 Why not Ray Data shards for training: exact resume ("no batch repeated or skipped") needs every worker
 to know which examples the first N steps consumed. A seeded permutation per epoch, cut into global
-batches and then into per-rank micro-batches, makes the data position a single integer (the step) that
-goes into the checkpoint.
+batches and then into per-rank micro-batches, makes the data position a single integer that goes into
+the checkpoint: the number of examples consumed (not steps: a global batch changes size when an elastic
+worker group resizes).
 """
 from __future__ import annotations
 
@@ -70,12 +71,28 @@ def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def steps_per_epoch(n: int, world: int, micro: int, accum: int) -> int:
-    return n // (world * micro * accum)
+def step_slice(n: int, position: int, world: int, micro: int, accum: int) -> tuple[int, int, int]:
+    """(epoch, start in that epoch's order, examples) of the step that begins `position` examples into
+    training. A step takes one global batch (world x micro x accum), except an epoch's last step, which
+    takes what is left: every epoch covers its examples exactly once, and because the position counts
+    examples, not steps, a run resumed on another number of workers neither skips nor repeats any."""
+    epoch, start = divmod(position, n)
+    return epoch, start, min(world * micro * accum, n - start)
 
 
-def micro_batch_indices(order: np.ndarray, step_in_epoch: int, micro_index: int, rank: int, world: int,
-                        micro: int, accum: int) -> list[int]:
-    """The examples rank `rank` uses for micro-batch `micro_index` of a step (global batch = world*micro*accum)."""
-    start = step_in_epoch * world * micro * accum + micro_index * world * micro + rank * micro
-    return order[start : start + micro].tolist()
+def steps_left(n: int, position: int, end: int, world: int, micro: int, accum: int) -> int:
+    """Steps from `position` until `end` examples have been consumed (at this world size)."""
+    steps = 0
+    while position < end:
+        position += step_slice(n, position, world, micro, accum)[2]
+        steps += 1
+    return steps
+
+
+def micro_batch_indices(order: np.ndarray, start: int, size: int, micro_index: int, rank: int, world: int,
+                        micro: int) -> list[int]:
+    """The examples rank `rank` uses for micro-batch `micro_index` of the step that takes order[start :
+    start + size]; in a short last step some ranks' micro-batches are short or empty (the caller pads)."""
+    lo = start + micro_index * world * micro + rank * micro
+    hi = min(lo + micro, start + size)
+    return order[lo:hi].tolist() if lo < hi else []

@@ -32,26 +32,86 @@ def build_rollouts(prompts: list[list[int]], responses: list[list[int]], pad_id:
     return Rollouts(ids, attn, mask, [len(r) for r in responses])
 
 
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Taken-token log-probs and entropy over chunks of positions. Backward recomputes each chunk's
+    log_softmax instead of saving it, so neither pass ever holds a full [B, L-1, V] fp32 tensor."""
+
+    @staticmethod
+    def forward(ctx, logits, input_ids, chunk_size: int, with_entropy: bool):
+        ctx.set_materialize_grads(False)
+        batch, positions = logits.shape[0], logits.shape[1] - 1
+        logp = logits.new_empty((batch, positions), dtype=torch.float32)
+        entropy = logits.new_empty((batch, positions), dtype=torch.float32) if with_entropy else None
+        for start in range(0, positions, chunk_size):
+            end = min(start + chunk_size, positions)
+            chunk_logp = torch.log_softmax(logits[:, start:end].float(), dim=-1)
+            logp[:, start:end] = chunk_logp.gather(-1, input_ids[:, start + 1 : end + 1, None]).squeeze(-1)
+            if with_entropy:
+                entropy[:, start:end] = -(chunk_logp.exp().mul_(chunk_logp)).sum(-1)
+            del chunk_logp
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(logits, input_ids, entropy)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        # d logp[y]/dz = onehot(y) - p;  dH/dz = -p * (logp + H).
+        logits, input_ids, entropy = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)
+        for start in range(0, logits.shape[1] - 1, ctx.chunk_size):
+            end = min(start + ctx.chunk_size, logits.shape[1] - 1)
+            chunk_logp = torch.log_softmax(logits[:, start:end].float(), dim=-1)
+            probs = chunk_logp.exp()
+            if grad_entropy is not None:
+                grad = chunk_logp.add_(entropy[:, start:end, None]).mul_(-grad_entropy[:, start:end, None])
+            else:
+                grad = chunk_logp.zero_()
+            if grad_logp is not None:
+                grad.sub_(grad_logp[:, start:end, None]).mul_(probs)
+                grad.scatter_add_(-1, input_ids[:, start + 1 : end + 1, None], grad_logp[:, start:end, None])
+            else:
+                grad.mul_(probs)
+            grad_logits[:, start:end] = grad
+            del chunk_logp, probs, grad
+        return grad_logits, None, None, None
+
+
+def logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor, chunk_size: int = 128,
+                         with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token t+1 | <= t) and the entropy of that distribution, both fp32 [B, L-1], from logits of any
+    float dtype. The fp32 log_softmax exists for `chunk_size` positions at a time (a full fp32 copy of a
+    152k-vocabulary batch is tens of GB); entropy reuses the same chunk's log_softmax."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedLogprobs.apply(logits, input_ids, chunk_size, with_entropy)
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(token t+1 | <= t) for every position: [B, L-1]."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return logprobs_and_entropy(logits, input_ids, with_entropy=False)[0]
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy of the next-token distribution at every position: [B, L-1]."""
+    no_targets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+    return logprobs_and_entropy(logits, no_targets)[1]
 
 
-def policy_forward(engine, rollouts: Rollouts):
-    out = engine(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask)
-    return token_logprobs(out.logits, rollouts.input_ids), out.logits
-
-
-def value_forward(engine, rollouts: Rollouts) -> torch.Tensor:
-    """Per-position values from a token-classification head: [B, L-1] (value of the state before t+1)."""
-    out = engine(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask)
-    return out.logits.squeeze(-1)[:, :-1].float()
+def forward_in_batches(forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, fn):
+    """`fn(forward(...), ids)` over row slices of at most `batch_size`, concatenated along dim 0: only one
+    micro-batch of logits is alive at a time. Tuple results are concatenated element-wise; None stays None."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    parts = []
+    for start in range(0, max(input_ids.shape[0], 1), batch_size):  # an empty batch still gets one call
+        ids = input_ids[start : start + batch_size]
+        output = forward(input_ids=ids, attention_mask=attention_mask[start : start + batch_size])
+        parts.append(fn(output, ids))
+        del output  # before the next forward, or two micro-batches of logits coexist
+    if isinstance(parts[0], tuple):
+        return tuple(None if column[0] is None else torch.cat(column) for column in zip(*parts))
+    return torch.cat(parts)
 
 
 def shaped_rewards(scores: torch.Tensor, logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor,

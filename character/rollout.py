@@ -22,20 +22,36 @@ def with_tied_head(state_dict: dict, tie_word_embeddings: bool) -> dict:
     return state_dict
 
 
+BF16 = "bf16::"  # numpy has no bfloat16: such weights cross as their int16 bit pattern, under this prefix
+
+
 def arrays_for_engines(state_dict: dict, tie_word_embeddings: bool) -> dict:
     """The weights as numpy arrays sharing the tensors' memory, without a tied head (the engine side
     restores it from the embedding, `with_tied_head`: no second copy of the vocabulary matrix)."""
-    return {k: v.detach().cpu().numpy() for k, v in state_dict.items()
-            if not (tie_word_embeddings and k == "lm_head.weight")}
+    import torch
+
+    arrays = {}
+    for k, v in state_dict.items():
+        if tie_word_embeddings and k == "lm_head.weight":
+            continue
+        v = v.detach().cpu()
+        if v.dtype == torch.bfloat16:
+            arrays[BF16 + k] = v.view(torch.int16).numpy()
+        else:
+            arrays[k] = v.numpy()
+    return arrays
 
 
 def tensors_from_arrays(arrays: dict) -> dict:
-    """Torch views of (read-only, object-store) numpy arrays; vLLM copies them into its own weights."""
+    """Torch views of (read-only, object-store) numpy arrays; vLLM copies them into its own weights
+    (converting the dtype when training and the engine differ, e.g. bf16 training, fp32 engine)."""
     import torch
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return {(k[len(BF16):] if k.startswith(BF16) else k):
+                (torch.from_numpy(v).view(torch.bfloat16) if k.startswith(BF16) else torch.from_numpy(v))
+                for k, v in arrays.items()}
 
 
 def sync_weights(llm, state_dict: dict, tie_word_embeddings: bool) -> None:

@@ -64,10 +64,15 @@ def skip_or_reset(out: StageOutput, force: bool) -> StageResult | None:
     under `_train/<stage>` included."""
     if force:
         out.reset()
-        StageOutput(out.output_dir, f"_train/{out.stage}").reset()
+        reset_train_state(out)
     elif out.complete():
         return StageResult(out.stage, out.uri, skipped=True)
     return None
+
+
+def reset_train_state(out: StageOutput) -> None:
+    """Delete a training stage's Ray Train state (checkpoints, resume settings) under `_train/<stage>`."""
+    StageOutput(out.output_dir, f"_train/{out.stage}").reset()
 
 
 def without_done(batch: pa.Table, column: str, done: list[str]) -> pa.Table:

@@ -61,8 +61,13 @@ class StageOutput:
         return split_uri(self.uri)
 
     def path(self, *parts: str) -> str:
-        _, root = self._fs()
-        return posixpath.join(root, *parts) if parts else root
+        """The URI of a file or folder of this output (scheme kept: `s3://...` stays remote; hand it to
+        `fetch_folder` before local-only code such as `from_pretrained` or vLLM)."""
+        return join_uri(self.uri, *parts) if parts else self.uri
+
+    def exists(self, name: str) -> bool:
+        fs, root = self._fs()
+        return fs.get_file_info(posixpath.join(root, name)).type != pafs.FileType.NotFound
 
     def complete(self) -> bool:
         fs, root = self._fs()
@@ -143,17 +148,24 @@ class StageOutput:
         return set(self.read(*sub, columns=[column]).column(column).to_pylist())
 
     def write_json(self, name: str, payload: Any) -> None:
-        fs, root = self._fs()
-        self.ensure()
-        tmp = posixpath.join(root, f".tmp-{uuid.uuid4().hex}.json")
-        with fs.open_output_stream(tmp) as sink:
-            sink.write(json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
-        fs.move(tmp, posixpath.join(root, name))
+        self.write_text(name, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
     def read_json(self, name: str) -> Any:
+        return json.loads(self.read_text(name))
+
+    def write_text(self, name: str, text: str) -> None:
+        """Whole-file write, atomic on a local disk (temp + rename) and on object stores (one PUT)."""
+        fs, root = self._fs()
+        self.ensure()
+        tmp = posixpath.join(root, f".tmp-{uuid.uuid4().hex}-{name}")
+        with fs.open_output_stream(tmp) as sink:
+            sink.write(text.encode("utf-8"))
+        fs.move(tmp, posixpath.join(root, name))
+
+    def read_text(self, name: str) -> str:
         fs, root = self._fs()
         with fs.open_input_stream(posixpath.join(root, name)) as f:
-            return json.loads(f.read().decode())
+            return f.read().decode("utf-8")
 
     def mark_success(self, summary: dict) -> None:
         self.write_json(SUCCESS, {"finished_at": time.time(), **summary})
@@ -165,3 +177,53 @@ def require_complete(output: StageOutput, needed_by: str) -> None:
             f"{needed_by} needs the '{output.stage}' output at {output.uri}, which has no {SUCCESS}: "
             f"run that stage first"
         )
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def publish_folder(local_dir: str, uri: str) -> None:
+    """Put a finished local folder's files at `uri` (a model export). Local: files are renamed into place
+    one by one (others already there, e.g. the PPO metrics, stay); remote: uploaded with pyarrow, each
+    object appearing whole. Either way the stage's `_SUCCESS`, written afterwards, is the commit."""
+    fs, root = split_uri(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(local_dir):
+            os.replace(os.path.join(local_dir, name), os.path.join(root, name))
+        return
+    fs.create_dir(root, recursive=True)
+    pafs.copy_files(local_dir, root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def fetch_folder(uri: str, cache: str) -> str:
+    """A local copy of a (remote) folder for code that reads local files only (`from_pretrained`, vLLM).
+    Cached under `cache`, keyed by the URI and the listing (names, sizes, modification times): a re-exported
+    model is fetched again. The copy is published atomically (temp + rename), so concurrent fetchers on
+    one node never see half a folder. A local path is returned as it is."""
+    if not is_remote(uri):
+        return split_uri(uri)[1]
+    fs, root = split_uri(uri)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+             if i.type == pafs.FileType.File]
+    if not infos:
+        raise FileNotFoundError(f"{uri}: no files there")
+    listing = sorted((i.path[len(root):], i.size, str(i.mtime)) for i in infos)
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:16]
+    final = os.path.join(cache, f"{posixpath.basename(root.rstrip('/')) or 'folder'}-{key}")
+    if os.path.isdir(final):
+        return final
+    os.makedirs(cache, exist_ok=True)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another fetcher published first
+        if not os.path.isdir(final):
+            raise
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

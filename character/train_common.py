@@ -52,12 +52,49 @@ def read_deepspeed_json(path: str) -> dict:
     return ds
 
 
-def deepspeed_config(train: TrainConfig, micro: int, accum: int, world: int) -> dict:
+def deepspeed_config(train: TrainConfig, micro: int, accum: int, world: int, dtype: str = "float32") -> dict:
+    """The JSON's settings plus the batch sizes and the precision section matching the training dtype
+    (DeepSpeed keeps fp32 master weights for bf16/fp16; a JSON's own bf16/fp16 section is overridden,
+    so the models' dtype and DeepSpeed's can never disagree)."""
     ds = read_deepspeed_json(train.deepspeed_config)
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = micro * accum * world
+    if zero_stage(ds) in (1, 2):
+        # Optimizer partitions saved so that a group of another size can load them (elastic resize).
+        ds["zero_optimization"]["elastic_checkpoint"] = True
+    ds.pop("bf16", None)
+    ds.pop("fp16", None)
+    if dtype == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    elif dtype == "float16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return ds
+
+
+def adamw(params, **kwargs):
+    """torch's AdamW as DeepSpeed's elastic ZeRO-1/2 checkpoints need it: they save and restore a `step` in
+    the param groups (DeepSpeed's own Adam keeps it there; torch's keeps it per parameter, in its state,
+    which the checkpoint carries anyway), and refuse to load without one. The group entry is a constant
+    that torch never reads."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, **kwargs)
+    for group in optimizer.param_groups:
+        group["step"] = 0
+    return optimizer
+
+
+def frozen_engine(model, ds: dict):
+    """A frozen model (PPO's reference and reward) as a DeepSpeed inference engine: ZeRO-3 when training
+    uses it, else stage 0 (stages 1 and 2 need an optimizer)."""
+    import deepspeed
+
+    frozen = {k: v for k, v in ds.items() if k != "zero_optimization"}
+    frozen["zero_optimization"] = {"stage": 3 if zero_stage(ds) == 3 else 0}
+    engine, *_ = deepspeed.initialize(model=model, config=frozen)
+    engine.eval()
+    return engine
 
 
 def zero_stage(ds: dict) -> int:
@@ -98,7 +135,37 @@ def all_agree(flag: bool) -> bool:
 
 
 def is_finite(x) -> bool:
-    return math.isfinite(float(x))
+    return math.isfinite(float(x.detach()) if hasattr(x, "detach") else float(x))
+
+
+def accumulation_step(engines: list, micro_losses, accum: int) -> tuple[list[list[float]], bool]:
+    """One optimizer step of every engine over `accum` micro-batches; `micro_losses(m)` returns micro-batch
+    m's loss for each engine. Returns the per-micro-batch losses and whether the step was applied.
+
+    Every micro-batch is backpropagated, always: DeepSpeed finds the accumulation boundary by counting
+    micro-steps, and under ZeRO the backward passes are collectives, so stopping early (as a `break` would)
+    leaves the counter and the gradients of the next step inconsistent. Once any loss on any rank is not
+    finite, that and every later loss of the step is multiplied by NaN: the gradients at the boundary are
+    then non-finite on every rank, and DeepSpeed's overflow check skips the whole step, leaving parameters
+    and optimizer state exactly as they were (tests/test_accumulation.py)."""
+    before = [e.skipped_steps for e in engines]
+    poisoned, kept = False, []
+    for m in range(accum):
+        losses = micro_losses(m)
+        if not all_agree(all(is_finite(x) for x in losses)):
+            poisoned = True
+        if poisoned:
+            losses = [x * float("nan") for x in losses]
+        else:
+            kept.append([float(x) for x in losses])
+        for engine, loss in zip(engines, losses):
+            engine.backward(loss)
+            engine.step()
+    skipped = [e.skipped_steps > b for e, b in zip(engines, before)]
+    if poisoned and not all(skipped):
+        raise NonFiniteError("a non-finite loss reached an optimizer step that DeepSpeed did not skip (its overflow "
+                             "check is off for this configuration): the parameters are no longer finite")
+    return kept, not any(skipped)
 
 
 def save_and_report(engines: dict, client_state: dict, metrics: dict) -> None:
@@ -122,12 +189,35 @@ def restore(engines: dict) -> dict | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
+    import torch.distributed as dist
+
     state = None
     with checkpoint.as_directory() as folder:
         for name, engine in engines.items():
-            _, client = engine.load_checkpoint(os.path.join(folder, name), tag=CKPT_TAG)
+            saved = saved_world_size(os.path.join(folder, name, CKPT_TAG))
+            resized = saved not in (None, dist.get_world_size())
+            if resized and zero_stage(engine.config) == 3:
+                raise RuntimeError(f"the checkpoint was written by {saved} workers, this group has "
+                                   f"{dist.get_world_size()}: ZeRO-3 checkpoints load on the same count only")
+            # DeepSpeed 0.19.8 refuses to re-partition optimizer state for another number of workers (even from
+            # elastic checkpoints); its elastic load still merges and re-partitions the fp32 master weights.
+            # So a resized group resumes the exact weights, data position, RNG and counters, and restarts
+            # Adam's moments (a warning says so).
+            _, client = engine.load_checkpoint(os.path.join(folder, name), tag=CKPT_TAG,
+                                               load_optimizer_states=not resized)
+            if resized:
+                print(f"[resume] '{name}': checkpoint of {saved} workers loaded on {dist.get_world_size()}: "
+                      f"weights resumed exactly, optimizer moments restarted", file=sys.__stdout__, flush=True)
             state = client if state is None else state
+            state["resized_from"] = saved if resized else None
     return state
+
+
+def saved_world_size(folder: str) -> int | None:
+    """Workers that wrote a DeepSpeed checkpoint folder: one optimizer-state file each."""
+    if not os.path.isdir(folder):
+        return None
+    return sum(1 for f in os.listdir(folder) if f.endswith("optim_states.pt")) or None
 
 
 def full_state_dict(engine, keep: bool = True, copy: bool = True) -> dict | None:
@@ -177,6 +267,57 @@ def trainer_for(config: Config, train_loop, loop_config: dict, name: str):
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
         ),
     )
+
+
+# The settings a checkpoint depends on, per training stage: resuming it under others would silently mix two
+# runs (a reported failure of other RL frameworks). Worker counts are absent on purpose: both stages resume
+# on another number of workers (the data position counts examples).
+RESUME_SETTINGS = {
+    "pm": ("model.name", "pm.base_model", "run.seed", "pm.micro_batch_size", "pm.grad_accum", "pm.lr",
+           "pm.weight_decay", "pm.max_length", "pm.margin", "pm.eval_fraction", "train.dtype",
+           "train.deepspeed_config"),
+    "policy": ("model.name", "run.seed", "ppo.reward", "ppo.critic_init", "ppo.prompts_per_iteration",
+               "ppo.minibatch_size", "ppo.ppo_epochs", "ppo.lr", "ppo.critic_lr", "ppo.kl_coef", "ppo.kl_target",
+               "ppo.kl_estimator", "ppo.sampling", "ppo.max_prompt_tokens", "ppo.eval_fraction", "train.dtype",
+               "train.deepspeed_config"),
+}
+SETTINGS_FILE = "resume_settings.json"
+
+
+def resume_settings(config: Config, stage: str) -> dict:
+    tree = config.model_dump(mode="json")
+    values = {}
+    for dotted in RESUME_SETTINGS[stage]:
+        node = tree
+        for key in dotted.split("."):
+            node = node[key]
+        values[dotted] = node
+    return values
+
+
+def check_resume_settings(config: Config, stage: str) -> None:
+    """Before any training: checkpoints under `_train/<stage>` made with other settings than the config's
+    are refused, naming each difference; with no checkpoint yet, the config's settings are recorded."""
+    from character.config import ConfigError
+    from character.store import StageOutput
+
+    state = StageOutput(config.run.output_dir, f"_train/{stage}")
+    current = resume_settings(config, stage)
+    fs, root = split_uri(state.uri)
+    import pyarrow.fs as pafs
+
+    listing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    has_checkpoint = any(i.base_name.startswith("checkpoint_") for i in listing)
+    if has_checkpoint and state.exists(SETTINGS_FILE):
+        saved = state.read_json(SETTINGS_FILE)
+        diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} in the config"
+                for k, v in current.items() if saved.get(k) != v]
+        if diff:
+            raise ConfigError(f"{config.source or '<config>'}: {state.uri} holds checkpoints made with other "
+                              f"settings, which would be resumed as if they were this run's:\n  " + "\n  ".join(diff)
+                              + f"\nrestore those settings, or rerun with --force to start '{stage}' afresh")
+        return
+    state.write_json(SETTINGS_FILE, current)
 
 
 def train_storage(config: Config) -> str:

@@ -46,6 +46,32 @@ def test_cross_field_checks():
         config_from_dict({"engine": {"max_model_len": 1024, "max_num_batched_tokens": 512}}, "x.yaml")
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    # a rule reward with no rule: every response scored 0, silently (judge.kind model leaves rule unchecked)
+    (["ppo.reward=rule", "judge.kind=model"], "judge.rule.words"),
+    # a critic initialised from a PM on another tokenizer would read the policy's token ids
+    (["pm.base_model=tiny-qwen2", "ppo.critic_init=pm"], "ppo.critic_init"),
+    (["ppo.minibatch_size=6", "ppo.forward_batch_size=4"], "ppo.forward_batch_size"),
+    (["ppo.kl_target=6", "ppo.kl_coef=0"], "ppo.kl_coef"),
+    (["train.dtype=float16"], "float16"),
+])
+def test_silently_wrong_combinations_fail_before_compute(repo, overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(repo / "configs/tiny.yaml", overrides)
+
+
+def test_elastic_workers_with_zero3_are_refused_before_training(repo):
+    from character.config import check_stage_config
+
+    cfg = load_config(repo / "configs/tiny.yaml", ["train.num_workers=[1,2]",
+                                                   f"train.deepspeed_config={repo / 'configs/deepspeed/zero3.json'}"])
+    with pytest.raises(ConfigError, match="train.num_workers.*ZeRO-3"):
+        check_stage_config(cfg, "train-ppo")
+    # ZeRO-2 resumes on another worker count, and a prompt count that does not divide is padded: accepted
+    cfg = load_config(repo / "configs/tiny.yaml", ["train.num_workers=[1,2]", "ppo.prompts_per_iteration=5"])
+    check_stage_config(cfg, "train-ppo")
+
+
 def test_missing_trait_field_names_trait(tmp_path):
     data = {"traits": [{"name": "curiosity", "statement": "I like ideas.", "clarification": "ok"},
                        {"name": "honesty", "clarification": "no statement here"}]}
@@ -95,6 +121,11 @@ def test_cli_fails_before_ray_starts(tmp_path, repo, content, needle):
 
 
 def test_cluster_config_validates(repo):
+    from character.config import check_stage_config
+
     cfg = load_config(repo / "configs/cluster.yaml")
-    assert cfg.train.num_workers == (4, 8) and cfg.engine.actors.max == 16
+    assert cfg.train.num_workers == 8 and cfg.engine.actors.max == 16
+    assert cfg.train_dtype == "bfloat16"  # model.dtype reaches training
+    for stage in ("train-pm", "train-ppo"):
+        check_stage_config(cfg, stage)
     assert cfg.run.output_dir.startswith("s3://")  # URIs stay URIs; local paths are made absolute

@@ -80,7 +80,7 @@ def test_statements_pass_when_questions_are_not_required():
 
 
 def test_keep_stats_counts_generated_messages_and_shows_distinct_examples():
-    from character.stages.synthesize import keep_stats
+    from character.synthesis import keep_stats
 
     kept = [{"trait": "a", "kind": "seed", "text": "Seed?"}, {"trait": "a", "kind": "values", "text": "Why?"},
             {"trait": "b", "kind": "self", "text": "Who are you?"}]

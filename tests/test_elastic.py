@@ -82,7 +82,7 @@ def test_pool_grows_onto_an_added_node_and_survives_a_removed_one(cluster, tmp_p
     text = log.read_text()
     assert parts_before_removal < parts(), "the node was removed after generation had finished"
 
-    from character.stages.synthesize import expand_requests, seed_question_rows
+    from character.synthesis import expand_requests, seed_question_rows
     from character.store import StageOutput
     from character.traits import load_constitution
 

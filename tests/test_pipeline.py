@@ -1,6 +1,8 @@
 """The whole pipeline, end to end: submitted with `ray job submit` to a real local Ray cluster with token
-authentication (refused without the token; the cluster is shut down at the end, also on failure), then
-rerun with `character run`, which finds nothing to do, and redoes only what follows a deleted stage."""
+authentication (refused without the token; the cluster is shut down at the end, also on failure), writing
+every artefact to object storage (a real S3 API: moto's server on 127.0.0.1, reached through pyarrow's
+S3FileSystem and the standard AWS environment variables, as a cluster would reach S3), then rerun with
+`character run`, which finds nothing to do, and redoes only what follows a deleted stage."""
 import base64
 import json
 import os
@@ -33,14 +35,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+BUCKET = "character-ci"
+
+
 @pytest.fixture(scope="module")
-def token_cluster(tmp_path_factory):
+def s3():
+    """An S3 endpoint on 127.0.0.1 with an empty bucket; the AWS variables that point pyarrow (and boto3) at
+    it are set for this process and returned for the cluster's."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    aws = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    try:
+        yield aws
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory, s3):
     tmp_path = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)
     # The job's `python` is whatever the cluster's PATH finds: put this venv first, as a cluster image would
     # (pytest runs as `.venv/bin/python -m pytest` without an activated venv).
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
+    env = {**os.environ, **s3, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     short_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's unix sockets need a short path
@@ -67,7 +95,7 @@ def token_cluster(tmp_path_factory):
             time.sleep(2)
         else:
             pytest.fail("the Ray head did not come up within 120 s")
-        yield url, env
+        yield url, env, short_tmp
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster's processes it started
         try:
@@ -77,7 +105,7 @@ def token_cluster(tmp_path_factory):
 
 
 def test_submission_without_the_token_is_refused(token_cluster, tmp_path):
-    url, env = token_cluster
+    url, env, _ = token_cluster
     stranger = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     stranger["HOME"] = str(tmp_path / "nobody")  # no ~/.ray/auth_token either
     refused = subprocess.run([RAY, "job", "submit", "--address", url, "--", "python", "-c", "print('hi')"],
@@ -86,20 +114,44 @@ def test_submission_without_the_token_is_refused(token_cluster, tmp_path):
     assert "auth" in (refused.stdout + refused.stderr).lower()
 
 
+def _download(uri: str, local: Path) -> Path:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    if local.exists():
+        import shutil
+
+        shutil.rmtree(local)
+    pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
 @pytest.fixture(scope="module")
 def submitted_run(token_cluster, tmp_path_factory, repo):
-    url, env = token_cluster
-    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    """The run's URI in the bucket and a local download of it (for reading)."""
+    url, env, cluster_tmp = token_cluster
+    run_uri = f"s3://{BUCKET}/runs/tiny"
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", url, "--working-dir", str(repo), "--",
-         "python", "-m", "rayjobs.pipeline", "--config", "configs/tiny.yaml", f"run.output_dir={run_dir}", *SMALL],
+         "python", "-m", "rayjobs.pipeline", "--config", "configs/tiny.yaml", f"run.output_dir={run_uri}", *SMALL],
         env=env, capture_output=True, text=True, timeout=1500)
     log = submit.stdout[-4000:] + submit.stderr[-2000:]
     assert submit.returncode == 0, log
     assert "succeeded" in submit.stdout.lower(), log
     jobs = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True, text=True)
     assert "SUCCEEDED" in jobs.stdout
-    return run_dir
+    # No stage mistook the URI for a local path (`s3://b/x` read as `b/x` would land under a working dir).
+    assert not (repo / BUCKET).exists() and not (Path.cwd() / BUCKET).exists()
+    assert not list(Path(cluster_tmp).glob(f"**/{BUCKET}"))  # the job's working dir lies under it
+    return run_uri, _download(run_uri, tmp_path_factory.mktemp("pipeline") / "run")
+
+
+def _bucket_files(uri: str) -> set[str]:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File}
 
 
 class _Page(HTMLParser):
@@ -122,9 +174,14 @@ class _Page(HTMLParser):
 
 
 def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
-    run_dir = submitted_run
+    run_uri, run_dir = submitted_run
+    in_bucket = _bucket_files(run_uri)
     for stage in ("messages", "responses", "preferences", "pm", "policy", "eval", "report"):
-        assert (run_dir / stage / "_SUCCESS").is_file(), stage
+        assert f"{stage}/_SUCCESS" in in_bucket, stage
+    for name in ("report/index.html", "pm/model.safetensors", "pm/config.json", "pm/tokenizer.json",
+                 "pm/metrics.json", "policy/model.safetensors", "policy/config.json", "policy/metrics.jsonl"):
+        assert name in in_bucket, name
+    assert any(name.startswith("_train/policy/checkpoint_") for name in in_bucket)  # Ray Train on S3 too
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert set(summary["overall"]) == {"held_out", "adversarial"}
     page = _Page()
@@ -148,20 +205,25 @@ def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
 
 
 def test_character_run_skips_complete_stages_and_redoes_after_a_deleted_one(submitted_run, repo):
-    import shutil
+    import pyarrow.fs as pafs
 
-    run_dir = submitted_run
+    run_uri, _ = submitted_run
+    fs, root = pafs.FileSystem.from_uri(run_uri)
+
+    def committed(stage):
+        return fs.get_file_info(f"{root}/{stage}/_SUCCESS").mtime
+
     cmd = [sys.executable, "-m", "character.cli", "run", "--config", str(repo / "configs/tiny.yaml"),
-           f"run.output_dir={run_dir}", *SMALL]
+           f"run.output_dir={run_uri}", *SMALL]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do: every stage is complete" in again.stdout
     assert "Started a local Ray instance" not in again.stdout + again.stderr  # no work, not even a Ray
-    before = {s: (run_dir / s / "_SUCCESS").stat().st_mtime for s in ("messages", "responses", "preferences", "pm")}
-    shutil.rmtree(run_dir / "policy")
+    before = {s: committed(s) for s in ("messages", "responses", "preferences", "pm")}
+    fs.delete_dir(f"{root}/policy")
     redo = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
     assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
     assert "stages run: train-ppo, evaluate, report" in redo.stdout
-    assert {s: (run_dir / s / "_SUCCESS").stat().st_mtime for s in before} == before
-    assert (run_dir / "report" / "_SUCCESS").is_file()
+    assert {s: committed(s) for s in before} == before
+    assert "report/_SUCCESS" in _bucket_files(run_uri) and "policy/model.safetensors" in _bucket_files(run_uri)

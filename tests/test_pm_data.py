@@ -4,7 +4,7 @@ import pytest
 
 from character.models import load_tokenizer
 from character.pm_data import (encode_response, epoch_order, is_held_out, micro_batch_indices, pad_batch,
-                               steps_per_epoch, validate_pairs)
+                               step_slice, steps_left, validate_pairs)
 from character.stages.train_pm import pm_metrics
 from character.train_common import NonFiniteError, NonFiniteGuard
 
@@ -16,15 +16,39 @@ def test_held_out_split_is_by_message_and_stable():
     assert held == [is_held_out(m, 0.2, 0) for m in ids]
 
 
-def test_every_example_once_per_epoch_across_ranks_and_micro_batches():
-    n, world, micro, accum = 50, 2, 3, 2
-    order = epoch_order(n, epoch=1, seed=7)
-    per = steps_per_epoch(n, world, micro, accum)
-    assert per == 4
-    seen = [i for s in range(per) for m in range(accum) for r in range(world)
-            for i in micro_batch_indices(order, s, m, r, world, micro, accum)]
-    assert len(seen) == len(set(seen)) == per * world * micro * accum
-    assert list(epoch_order(n, 1, 7)) == list(order) and list(epoch_order(n, 2, 7)) != list(order)
+def _consume(n, position, steps, world, micro, accum, seed=7):
+    """Run `steps` steps of the schedule at one world size: the (epoch, example) pairs used, the new position."""
+    seen = []
+    for _ in range(steps):
+        epoch, start, size = step_slice(n, position, world, micro, accum)
+        order = epoch_order(n, epoch, seed)
+        seen += [(epoch, i) for m in range(accum) for r in range(world)
+                 for i in micro_batch_indices(order, start, size, m, r, world, micro)]
+        position += size
+    return seen, position
+
+
+def test_every_example_once_per_epoch_the_remainder_included():
+    n, world, micro, accum = 50, 2, 3, 2  # global batch 12: 4 full steps and a last step of 2
+    assert steps_left(n, 0, n, world, micro, accum) == 5
+    seen, position = _consume(n, 0, 10, world, micro, accum)
+    assert position == 2 * n
+    for epoch in (0, 1):
+        assert sorted(i for e, i in seen if e == epoch) == list(range(n))
+    assert list(epoch_order(n, 1, 7)) != list(epoch_order(n, 2, 7))
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 3), (4, 2)])
+def test_a_resized_worker_group_neither_skips_nor_repeats(before, after):
+    """Resume with another number of workers mid-epoch: the position counts examples, so the union of the
+    examples of each epoch is exactly the training set (with a step-count position it was not)."""
+    n, micro, accum = 37, 2, 2
+    first, position = _consume(n, 0, 3, before, micro, accum)
+    rest, position = _consume(n, position, steps_left(n, position, 2 * n, after, micro, accum), after, micro, accum)
+    seen = first + rest
+    assert position == 2 * n
+    for epoch in (0, 1):
+        assert sorted(i for e, i in seen if e == epoch) == list(range(n)), (before, after, epoch)
 
 
 def test_bad_pairs_are_set_aside_with_a_reason():

@@ -1,5 +1,6 @@
 """PPO on real Ray Train + DeepSpeed with vLLM rollout actors: weight sync, learning, resume."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -56,11 +57,10 @@ def messages(tmp_path_factory, ray_local, make_config):
 
 
 def _run(tmp_path, messages, make_config, *overrides):
-    import shutil
-
     from character.stages import train_ppo
 
     if not (tmp_path / "messages").exists():
+        tmp_path.mkdir(parents=True, exist_ok=True)
         shutil.copytree(messages, tmp_path / "messages")
     result = train_ppo.run(make_config(tmp_path, *RULE, *overrides))
     lines = [json.loads(x) for x in open(tmp_path / "policy" / "metrics.jsonl")]
@@ -68,6 +68,7 @@ def _run(tmp_path, messages, make_config, *overrides):
 
 
 def test_ppo_raises_held_out_reward_with_bounded_kl(tmp_path, messages, make_config):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     result, lines = _run(tmp_path, messages, make_config, "ppo.iterations=12", "ppo.eval_every=4",
@@ -83,16 +84,65 @@ def test_ppo_raises_held_out_reward_with_bounded_kl(tmp_path, messages, make_con
         assert key in iterations[-1]
     assert list((tmp_path / "tensorboard" / "policy").glob("events.out.tfevents.*"))
     AutoModelForCausalLM.from_pretrained(tmp_path / "policy")  # exported with save_pretrained
-    assert (tmp_path / "policy" / "model.safetensors").is_file()
     assert StageOutput(str(tmp_path), "policy").complete()
+    # the export (strict) is exactly the module of the final DeepSpeed checkpoint
+    exported = load_file(str(tmp_path / "policy" / "model.safetensors"))
+    [states] = list((tmp_path / "_train" / "policy").glob("checkpoint_*/policy/ckpt/mp_rank_00_model_states.pt"))
+    module = torch.load(states, weights_only=False)["module"]  # our own test checkpoint: trusted
+    assert set(module) == set(exported)
+    for key, value in module.items():
+        assert torch.equal(value, exported[key]), key
 
 
-def test_interrupted_ppo_resumes_its_iteration_count(tmp_path, messages, make_config):
-    (tmp_path / "_train").mkdir()
-    (tmp_path / "_train" / "inject_fault.json").write_text(json.dumps({"step": 3}))
-    _, lines = _run(tmp_path, messages, make_config, "ppo.iterations=5", "ppo.eval_every=5",
-                    "train.checkpoint_every=2", "train.max_failures=1")
-    assert not (tmp_path / "_train" / "inject_fault.json").exists()  # the worker really died at iteration 3
-    iterations = [x["iteration"] for x in lines if "reward" in x]
-    assert iterations == [1, 2, 3, 4, 5]  # each logged once: lines after the checkpoint were dropped, redone
+# 15 prompts over 2 workers (padded, never cut) and an adaptive KL coefficient (one beta for all ranks).
+MULTI = ["ppo.iterations=5", "ppo.eval_every=5", "train.checkpoint_every=2", "ppo.prompts_per_iteration=15",
+         "ppo.kl_target=0.5", "ppo.kl_coef=0.2", "ppo.kl_horizon=50"]
+
+
+def test_stopped_ppo_resumes_to_the_same_policy_with_one_kl_coefficient_and_every_prompt(tmp_path, messages,
+                                                                                         make_config):
+    from safetensors.torch import load_file
+
+    from character.config import ConfigError
+    from character.stages import train_ppo
+
+    _, plain = _run(tmp_path / "plain", messages, make_config, *MULTI)
+    iterations = [x for x in plain if "reward" in x]
+    assert all(x["prompts"] == 15 for x in iterations)  # 15 // 2 * 2 = 14 before: one prompt dropped each time
+    assert all(len(set(x["kl_coef_ranks"])) == 1 for x in iterations), [x["kl_coef_ranks"] for x in iterations]
+    assert len({x["kl_coef"] for x in iterations}) == 5  # the controller really moved it
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(messages, stopped / "messages")
+    (stopped / "_train").mkdir()
+    (stopped / "_train" / "inject_fault.json").write_text(json.dumps({"step": 3}))
+    with pytest.raises(Exception):
+        _run(stopped, messages, make_config, *MULTI, "train.max_failures=0")
+    assert not (stopped / "_train" / "inject_fault.json").exists()  # the worker really died at iteration 3
+    with pytest.raises(ConfigError, match=r"ppo.lr: 0.0001 in the checkpoint, 0.0002 in the config"):
+        train_ppo.run(make_config(stopped, *RULE, *MULTI, "ppo.lr=2e-4"))  # refused before any compute
+    _, lines = _run(stopped, messages, make_config, *MULTI, "train.max_failures=0")
+    assert [x["iteration"] for x in lines if "reward" in x] == [1, 2, 3, 4, 5]  # each once: redone after 2
     assert [x.get("resumed_from") for x in lines if "reward" in x] == [None, None, 2, None, None]
+    assert [x["kl_coef"] for x in lines if "reward" in x] == [x["kl_coef"] for x in iterations]
+    resumed, reference = load_file(str(stopped / "policy" / "model.safetensors")), load_file(
+        str(tmp_path / "plain" / "policy" / "model.safetensors"))
+    for key in reference:
+        assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
+
+
+def test_a_bf16_ppo_iteration_trains_and_exports_bf16(tmp_path, messages, make_config):
+    """train.dtype bfloat16 on CPU: policy, critic and reference in bf16 under ZeRO-2 (bf16 section in the
+    DeepSpeed config), losses in fp32, bf16 weights synced into the fp32 vLLM engine, a bf16 export."""
+    import math
+
+    from safetensors.torch import load_file
+
+    _, lines = _run(tmp_path, messages, make_config, "train.dtype=bfloat16", "ppo.iterations=1", "ppo.eval_every=1",
+                    "train.checkpoint_every=100")
+    [it] = [x for x in lines if "reward" in x]
+    for key in ("reward", "kl", "policy_loss", "value_loss", "entropy", "eval_reward"):
+        assert math.isfinite(it[key]), (key, it)
+    assert it["skipped"] == 0
+    assert {v.dtype for v in load_file(str(tmp_path / "policy" / "model.safetensors")).values()} == {torch.bfloat16}

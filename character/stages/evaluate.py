@@ -25,9 +25,9 @@ _WORD = re.compile(r"\w+")
 
 
 def eval_prompts(config: Config) -> list[dict]:
-    from character.stages.train_ppo import load_prompts
+    from character.splits import message_split
 
-    _, held = load_prompts(config)
+    _, held = message_split(config)
     per_trait: dict[str, int] = defaultdict(int)
     rows = []
     for r in held:
@@ -63,11 +63,8 @@ class EvalWorker:
     """Holds the preference model (scores) and the judge (win probabilities); writes eval parts."""
 
     def __init__(self, config_json: str, constitution_json: str):
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
         from character.judge import build_judge, judge_name
-        from character.models import load_tokenizer
+        from character.scoring import RewardModel
 
         self.config = Config.model_validate_json(config_json)
         constitution = Constitution.model_validate_json(constitution_json)
@@ -75,20 +72,10 @@ class EvalWorker:
         self.systems = {t.name: character_system_prompt(t, constitution, "trait") for t in constitution.traits}
         judged = self.config.model_copy(update={"judge": self.config.evaluate.judge})
         self.judge, self.judge_name = build_judge(judged), judge_name(judged)
-        self.tokenizer = load_tokenizer(self.config.model.name)
-        self.pm = AutoModelForSequenceClassification.from_pretrained(
-            StageOutput(self.config.run.output_dir, "pm").path(), dtype=torch.float32).eval()
+        # The PM scores text with its own tokenizer (character/scoring.py), whatever its base model.
+        self.pm = RewardModel(StageOutput(self.config.run.output_dir, "pm").path(), self.config.pm.max_length,
+                              self.config.ppo.forward_batch_size)
         self.out = StageOutput(self.config.run.output_dir, STAGE)
-
-    def _rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
-        import torch
-
-        from character.pm_data import encode_response, pad_batch
-
-        ids, mask = pad_batch([encode_response(self.tokenizer, p, r, self.config.pm.max_length)
-                               for p, r in zip(prompts, responses)], self.tokenizer.pad_token_id)
-        with torch.no_grad():
-            return self.pm(input_ids=ids, attention_mask=mask).logits.squeeze(-1).tolist()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from character.judge import Comparison
@@ -108,7 +95,7 @@ class EvalWorker:
                                  "model": model, "sample": s, "prompt": r["text"], "response": text,
                                  "n_words": len(_WORD.findall(text)), "n_tokens": ntok, "finish_reason": fin})
         probs = self.judge.prob_first(comps)
-        rewards = self._rewards([f["prompt"] for f in flat], [f["response"] for f in flat])
+        rewards = self.pm([f["prompt"] for f in flat], [f["response"] for f in flat]).tolist()
         for k, f in enumerate(flat):
             q_first, q_second = probs[2 * (k // 2)], probs[2 * (k // 2) + 1]
             p_trained = 0.5 if q_first is None or q_second is None else soft_label(q_first, q_second)
@@ -161,15 +148,14 @@ def run(config: Config, force: bool = False) -> StageResult:
     init_ray(config.ray)
     import ray.data
 
-    from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
-    from character.stages import synthesize
-    from character.stages.rank import pool_args
+    from character.engine import ChatGenerator, engine_sized_blocks, generation_pool_args, judge_pool_args
+    from character.synthesis import synthesize_messages
 
     cfg = config.evaluate
     result = StageResult(STAGE, out.uri)
     with Timer() as timer:
         if cfg.adversarial_per_trait:
-            synthesize.run(config, stage=ADVERSARIAL, kinds=["adversarial"], per_trait=cfg.adversarial_per_trait,
+            synthesize_messages(config, stage=ADVERSARIAL, kinds=["adversarial"], per_trait=cfg.adversarial_per_trait,
                            seed_questions=False)
         prompts = eval_prompts(config)
         models = {"base": config.model.name, "trained": StageOutput(config.run.output_dir, "policy").path()}
@@ -198,7 +184,7 @@ def run(config: Config, force: bool = False) -> StageResult:
                                                                                "output_tokens")} for j in joined])
             ds = ds.map_batches(EvalWorker, fn_constructor_kwargs=dict(
                 config_json=config.model_dump_json(), constitution_json=constitution.model_dump_json()),
-                **pool_args(judged))
+                **judge_pool_args(judged))
             consume_counts(ds, "evaluate: judge", len(joined))
     rows = out.read(schema=schemas.EVAL).to_pylist()
     from character.judge import judge_name

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from character import schemas
 from character.config import Config, RankConfig
-from character.engine import engine_sized_blocks
+from character.engine import engine_sized_blocks, judge_pool_args
 from character.judge import Comparison, build_judge, judge_name
 from character.prompts import character_system_prompt
 from character.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
@@ -138,19 +138,6 @@ class RankWorker:
                          "drops": [",".join(f"{k}:{v}" for k, v in drops.items())], "new_tokens": [0]})
 
 
-def pool_args(config: Config) -> dict:
-    from character.engine import actor_pool_args
-
-    if config.judge.kind != "rule":
-        # One call at a time: a model judge's requests are single-token prefills, with no generation tail for
-        # a concurrent batch to fill (cf. generation_pool_args).
-        return actor_pool_args(config.engine)
-    import ray.data
-
-    return dict(compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.engine.actors.max),
-                batch_size=config.engine.batch_size, num_cpus=0.5, batch_format="pyarrow")
-
-
 def compute_stats(out: StageOutput) -> dict:
     comps = out.read("comparisons", schema=schemas.COMPARISONS, columns=["q_ij", "q_ji"])
     pairs = out.read(schema=schemas.PREFERENCES, columns=["trait", "p_chosen"])
@@ -184,7 +171,7 @@ def run(config: Config, force: bool = False) -> StageResult:
                 config.engine)
             .map_batches(RankWorker, fn_constructor_kwargs=dict(config_json=config.model_dump_json(),
                                                                 constitution_json=constitution.model_dump_json()),
-                         **pool_args(config))
+                         **judge_pool_args(config))
         )
         consume_counts(ds, "rank", None if total is None else total - len(done))
     stats = compute_stats(out)

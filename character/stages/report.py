@@ -12,12 +12,8 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
-import posixpath
 import time
-import uuid
 
-import pyarrow.fs as pafs
 
 from character.config import Config
 from character.figures import (dig, fmt, funnel_figure, paired_bars_figure, pm_calibration_figure, png_data_uri,
@@ -178,11 +174,8 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
 
 
 def _read_text(output_dir: str, stage: str, name: str) -> str | None:
-    out = StageOutput(output_dir, stage)
-    fs, root = out._fs()
     try:
-        with fs.open_input_stream(posixpath.join(root, name)) as f:
-            return f.read().decode("utf-8")
+        return StageOutput(output_dir, stage).read_text(name)
     except (FileNotFoundError, OSError):
         return None
 
@@ -210,21 +203,6 @@ def read_ppo_metrics(text: str | None) -> list[dict] | None:
     return [by_it[k] for k in sorted(by_it)] or None
 
 
-def _write_atomic(out: StageOutput, name: str, text: str) -> str:
-    fs, root = out._fs()
-    out.ensure()
-    tmp, final = posixpath.join(root, f".tmp-{uuid.uuid4().hex}-{name}"), posixpath.join(root, name)
-    if isinstance(fs, pafs.LocalFileSystem):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, final)
-    else:
-        with fs.open_output_stream(tmp) as sink:
-            sink.write(text.encode("utf-8"))
-        fs.move(tmp, final)
-    return final
-
-
 def run(config: Config, force: bool = False, n: int = 2) -> StageResult:
     import pyarrow.compute as pc
 
@@ -250,7 +228,8 @@ def run(config: Config, force: bool = False, n: int = 2) -> StageResult:
             "responses": _read_json(output_dir, "responses", "stats.json"),
         }
         page, result.rows_out = build_html(inputs, n)
-        path = _write_atomic(out, "index.html", page)
+        out.write_text("index.html", page)
+        path = out.path("index.html")
     result.seconds = timer.seconds
     result.extra = {"figures": result.rows_out, "report": path}
     out.mark_success(result.summary())

@@ -7,17 +7,13 @@ with the same run directory resumes from it. The data position is the step (see 
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import uuid
 from collections import defaultdict
 
 from character import schemas
 from character.config import Config
 from character.runtime import StageResult, Timer, init_ray, skip_or_reset, write_resolved_config
-from character.store import StageOutput, require_complete, split_uri
+from character.store import StageOutput, require_complete
 
 STAGE = "pm"
 
@@ -66,12 +62,9 @@ def _load_pairs(output_dir: str, eval_fraction: float, seed: int):
 
 
 def _rewards(engine, tokenizer, rows, side: str, max_length: int):
-    from character.pm_data import encode_response, pad_batch
+    from character.scoring import pm_rewards
 
-    ids, mask = pad_batch([encode_response(tokenizer, r["prompt"], r[side], max_length) for r in rows],
-                          tokenizer.pad_token_id)
-    device = next(engine.module.parameters()).device
-    return engine(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.squeeze(-1).float()
+    return pm_rewards(engine, tokenizer, [r["prompt"] for r in rows], [r[side] for r in rows], max_length)
 
 
 def _evaluate(engine, tokenizer, held, cfg, rank, world) -> dict:
@@ -109,9 +102,10 @@ def train_loop(loop_config: dict) -> None:
     from character import pm_data
     from character.losses import bradley_terry_loss
     from character.models import load_tokenizer, resolve_model
-    from character.train_common import (NonFiniteGuard, StepClock, all_agree, build_under_zero, deepspeed_config,
-                                        full_state_dict, is_finite, plain_model_construction, maybe_inject_fault, restore, save_and_report,
-                                        setup_distributed, tensorboard_writer)
+    from character.train_common import (NonFiniteGuard, StepClock, accumulation_step, adamw, build_under_zero,
+                                        deepspeed_config, full_state_dict, maybe_inject_fault,
+                                        plain_model_construction, restore, save_and_report, setup_distributed,
+                                        tensorboard_writer)
 
     config = Config.model_validate(loop_config["config"])
     cfg, seed = config.pm, config.run.seed
@@ -122,56 +116,55 @@ def train_loop(loop_config: dict) -> None:
     base = cfg.base_model or config.model.name
     tokenizer = load_tokenizer(base)
     train, held, _ = _load_pairs(config.run.output_dir, cfg.eval_fraction, seed)
-    ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world)
+    ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
     model = build_under_zero(lambda: AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(base), num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32), ds)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        resolve_model(base), num_labels=1, pad_token_id=tokenizer.pad_token_id,
+        dtype=getattr(torch, config.train_dtype)), ds)
+    optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
-    state = restore({"pm": engine}) or {"step": 0, "guard": [0, 0], "last_metrics": {}}
+    state = restore({"pm": engine}) or {"step": 0, "position": 0, "guard": [0, 0], "last_metrics": {}}
     resumed_from = state["step"] or None
     if "rng" in state:
         torch.set_rng_state(state["rng"])
     guard = NonFiniteGuard(cfg.max_nonfinite_in_row, *state["guard"])
-    per_epoch = pm_data.steps_per_epoch(len(train), world, cfg.micro_batch_size, cfg.grad_accum)
-    if per_epoch == 0:
-        raise ValueError(f"{len(train)} training pairs are fewer than one global batch "
-                         f"({world} workers x {cfg.micro_batch_size} x {cfg.grad_accum})")
-    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    n, micro, accum = len(train), cfg.micro_batch_size, cfg.grad_accum
+    end = n * cfg.epochs
+    total = state["step"] + pm_data.steps_left(n, state["position"], end, world, micro, accum)
+    total = min(total, cfg.max_steps or total)
     writer = tensorboard_writer(config, STAGE) if rank == 0 else None
-    metrics = state["last_metrics"]
+    metrics, position = state["last_metrics"], state["position"]
     clock = StepClock("train-pm step", state["step"], total, rank == 0)
     for step in range(state["step"], total):
         maybe_inject_fault(config, step)
-        epoch, in_epoch = divmod(step, per_epoch)
-        order = pm_data.epoch_order(len(train), epoch, seed)
-        losses = []
-        skipped_before = engine.skipped_steps
-        for m in range(cfg.grad_accum):
-            rows = [train[i] for i in pm_data.micro_batch_indices(order, in_epoch, m, rank, world,
-                                                                   cfg.micro_batch_size, cfg.grad_accum)]
+        epoch, start, size = pm_data.step_slice(n, position, world, micro, accum)
+        order = pm_data.epoch_order(n, epoch, seed)
+
+        def micro_loss(m: int):
+            picked = pm_data.micro_batch_indices(order, start, size, m, rank, world, micro)
+            # A short last step can leave this rank nothing: it still runs a (zero-weight) pass, because
+            # every rank must take part in every backward (ZeRO's collectives).
+            rows = [train[i] for i in picked] or [train[order[start]]]
             rc = _rewards(engine, tokenizer, rows, "chosen", cfg.max_length)
             rr = _rewards(engine, tokenizer, rows, "rejected", cfg.max_length)
             p = torch.tensor([r["p_chosen"] for r in rows], dtype=torch.float32)
             loss = bradley_terry_loss(rc, rr, p, cfg.margin)
-            if not guard.update(all_agree(is_finite(loss)), step, "loss"):
-                break  # skipped on every rank: no backward, no optimizer step
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss))
-        else:
-            # In fp32 ZeRO skips a step whose gradient norm is not finite; count it like a bad loss.
-            guard.update(engine.skipped_steps == skipped_before, step, "gradient norm")
-        if writer and losses:
-            writer.add_scalar("pm/train_loss", float(np.mean(losses)), step + 1)
+            return [loss if picked else loss * 0.0]
+
+        losses, applied = accumulation_step([engine], micro_loss, accum)
+        guard.update(applied, step, "loss or gradient norm")
+        losses = [x[0] for x in losses]
+        position += size
         done = step + 1
-        clock.tick(done, f"loss {np.mean(losses):.4f}" if losses else "skipped")
+        if writer and losses:
+            writer.add_scalar("pm/train_loss", float(np.mean(losses)), done)
+        clock.tick(done, f"loss {np.mean(losses):.4f}" if applied else "skipped (not finite)")
         if done % config.train.checkpoint_every == 0 or done == total:
             if cfg.eval_every == 0 or done == total:
                 metrics = _evaluate(engine, tokenizer, held, cfg, rank, world)
-            client = {"step": done, "guard": [guard.in_row, guard.total], "last_metrics": metrics,
-                      "rng": torch.get_rng_state()}
-            report = {"step": done, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            client = {"step": done, "position": position, "guard": [guard.in_row, guard.total],
+                      "last_metrics": metrics, "rng": torch.get_rng_state()}
+            report = {"step": done, "train_loss": float(np.mean(losses)) if applied else float("nan"),
                       "skipped_steps": guard.total, **{k: v for k, v in metrics.items() if isinstance(v, float)}}
             save_and_report({"pm": engine}, client, report)
             if writer:
@@ -185,32 +178,21 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0:
         _export(config, model, weights, tokenizer, {**metrics, "steps": total, "skipped_steps": guard.total,
                                                      "resumed_from_step": resumed_from,
+                                                     "examples_seen": position, "workers": world,
+                                                     "resized_from_workers": state.get("resized_from"),
                                                      "train_pairs": len(train), "eval_pairs_total": len(held)})
         if writer:
             writer.close()
 
 
 def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> None:
-    """save_pretrained (safetensors) + tokenizer + metrics.json into <run>/pm, atomically (temp + rename)."""
+    """save_pretrained (safetensors) + tokenizer + metrics.json into <run>/pm (local or object storage)."""
     from transformers import AutoModelForSequenceClassification
 
-    fs, final = split_uri(StageOutput(config.run.output_dir, STAGE).uri)
-    local_tmp = os.path.join(os.path.dirname(final) if "://" not in config.run.output_dir else "/tmp",
-                             f".pm-export-{uuid.uuid4().hex[:8]}")
-    clean = AutoModelForSequenceClassification.from_config(model.config)
-    clean.load_state_dict(weights)
-    clean.save_pretrained(local_tmp, safe_serialization=True)
-    tokenizer.save_pretrained(local_tmp)
-    with open(os.path.join(local_tmp, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-    if "://" in config.run.output_dir:
-        import pyarrow.fs as pafs
+    from character.models import export_model
 
-        pafs.copy_files(local_tmp, final, destination_filesystem=fs)
-        shutil.rmtree(local_tmp, ignore_errors=True)
-    else:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(local_tmp, final)
+    export_model(AutoModelForSequenceClassification, model.config, weights, tokenizer,
+                 StageOutput(config.run.output_dir, STAGE).uri, {"metrics.json": metrics})
 
 
 def run(config: Config, force: bool = False) -> StageResult:
@@ -219,11 +201,14 @@ def run(config: Config, force: bool = False) -> StageResult:
         return skipped
     require_complete(StageOutput(config.run.output_dir, "preferences"), "train-pm")
     train, held, bad = _load_pairs(config.run.output_dir, config.pm.eval_fraction, config.run.seed)
-    if not held:
-        raise ValueError(f"pm.eval_fraction={config.pm.eval_fraction} left no held-out pairs out of {len(train)}")
+    if not held or not train:
+        raise ValueError(f"pm.eval_fraction={config.pm.eval_fraction} left {len(train)} training and {len(held)} "
+                         f"held-out pairs: both need at least one")
+    from character.train_common import check_resume_settings, trainer_for
+
+    check_resume_settings(config, STAGE)
     write_resolved_config(config)
     init_ray(config.ray)
-    from character.train_common import trainer_for
 
     result = StageResult(STAGE, out.uri, rows_in=len(train) + len(held) + len(bad))
     with Timer() as timer:

@@ -1,0 +1,196 @@
+"""Message synthesis (the `synthesize` stage's work, also evaluation's adversarial messages): for each
+trait and message kind, the model writes human messages.
+
+Two phases, both streamed by Ray Data:
+1. generation — (trait, kind, index) requests → vLLM actors → raw texts, committed as parts under
+   messages/_work/ keyed by request_id (an interrupted run resumes from them);
+2. clean-up per trait — extract the message from the reply (list numbering, preambles, quotes), then set
+   aside empty, truncated, assistant-voice, meta, non-question, too short/long, exact and near duplicates
+   with the reason → messages/part-*.parquet and messages/rejected/, stats.json (keep rate, examples of
+   kept and dropped messages), _SUCCESS.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from character import schemas
+from character.config import Config
+from character.dedupe import content_reason, drop_reasons, extract_message
+from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
+from character.prompts import SYNTH_SYSTEM, synthesis_prompt
+from character.runtime import (StageResult, Timer, consume_counts, init_ray, skip_or_reset, without_done,
+                               write_resolved_config, write_split)
+from character.store import StageOutput, seed_from_id, stable_id
+from character.traits import Trait, load_constitution
+
+STAGE = "messages"
+WORK = "_work"
+
+
+def expand_requests(row: dict, *, per_trait: int, kinds: list[str], seed: int) -> list[dict]:
+    """One trait row → its generation requests (kinds round-robin, topics rotating)."""
+    trait = Trait.model_validate_json(row["trait_json"])
+    requests = []
+    for index in range(per_trait):
+        kind = kinds[index % len(kinds)]
+        request_id = stable_id(trait.name, kind, str(index), str(seed))
+        user, prefix = synthesis_prompt(trait, kind, index)
+        requests.append({
+            "request_id": request_id, "trait": trait.name, "kind": kind, "system": SYNTH_SYSTEM,
+            "user": user, "assistant_prefix": prefix, "seed": seed_from_id(request_id, seed),
+        })
+    return requests
+
+
+def seed_question_rows(traits: list[Trait]) -> pa.Table:
+    rows = [
+        {"request_id": stable_id(t.name, "seed", q), "trait": t.name, "kind": "seed", "raw_text": q,
+         "finish_reason": "stop", "reject_reason": None}
+        for t in traits for q in t.questions
+    ]
+    return pa.Table.from_pylist(rows, schema=schemas.RAW_MESSAGES)
+
+
+def raw_rows(batch: pa.Table) -> pa.Table:
+    """Engine output → RAW_MESSAGES (first sample of each request; n is 1 for synthesis)."""
+    outputs = batch.column("outputs").to_pylist()
+    finishes = batch.column("finish_reasons").to_pylist()
+    return pa.table({
+        "request_id": batch.column("request_id"), "trait": batch.column("trait"), "kind": batch.column("kind"),
+        "raw_text": pa.array([o[0] if o else "" for o in outputs], pa.string()),
+        "finish_reason": pa.array([f[0] if f else "none" for f in finishes], pa.string()),
+        "reject_reason": batch.column("reject_reason"),
+    }, schema=schemas.RAW_MESSAGES)
+
+
+def write_raw(batch: pa.Table, out: StageOutput) -> pa.Table:
+    return write_split(batch, out, "request_id", raw_rows(batch), None, sub=(WORK,))
+
+
+def clean_group(group: pa.Table, *, min_chars: int, max_chars: int, near_threshold: float,
+                num_perm: int, drop_truncated: bool, require_question: bool) -> pa.Table:
+    """All raw rows of one trait → rows with `drop_reason` (None = kept). Deterministic order:
+    seed questions first (written by people, they win over generated look-alikes, and skip the content
+    checks), then request_id."""
+    rows = {r["request_id"]: r for r in group.to_pylist()}  # a retried write may repeat a request
+    ordered = sorted(rows.values(), key=lambda r: (r["kind"] != "seed", r["request_id"]))
+    texts = [extract_message(r["raw_text"]) for r in ordered]
+    pre = []
+    for r, text in zip(ordered, texts):
+        if r["reject_reason"]:
+            pre.append(r["reject_reason"])
+        elif drop_truncated and r["finish_reason"] == "length":
+            pre.append("truncated")
+        elif r["kind"] != "seed" and text:
+            # A push off the trait ("Drop the act.") need not be a question.
+            pre.append(content_reason(text, require_question and r["kind"] != "adversarial"))
+        else:
+            pre.append(None)
+    candidates = [t if p is None else "" for t, p in zip(texts, pre)]
+    reasons = drop_reasons(candidates, min_chars=min_chars, max_chars=max_chars,
+                           near_threshold=near_threshold, num_perm=num_perm)
+    out = []
+    for r, text, p, reason in zip(ordered, texts, pre, reasons):
+        out.append({
+            "message_id": stable_id(r["trait"], text), "trait": r["trait"], "kind": r["kind"],
+            "text": text if text else r["raw_text"], "request_id": r["request_id"], "drop_reason": p or reason,
+            "raw_text": r["raw_text"],
+        })
+    schema = schemas.MESSAGES.append(pa.field("drop_reason", pa.string())).append(pa.field("raw_text", pa.string()))
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+def keep_stats(kept: list[dict], rejected: list[dict], examples: int = 3) -> dict:
+    """Keep rate of the generated messages (seed questions aside), counts per trait, and a few examples
+    of kept messages and of dropped ones per reason (deterministic: sorted by text)."""
+    generated_kept = [r for r in kept if r["kind"] != "seed"]
+    generated = len(generated_kept) + len(rejected)
+    per_trait: dict[str, int] = {}
+    for r in kept:
+        per_trait[r["trait"]] = per_trait.get(r["trait"], 0) + 1
+    dropped: dict[str, list[dict]] = {}
+    for r in sorted(rejected, key=lambda r: (r["reason"], r["text"])):
+        shown = dropped.setdefault(r["reason"], [])
+        if len(shown) < examples and all(x["text"] != r["text"] for x in shown):
+            dropped[r["reason"]].append({"trait": r["trait"], "text": r["text"], "reply": r["detail"]})
+    by_trait: dict[str, list[dict]] = {}
+    for r in sorted(generated_kept, key=lambda r: (r["trait"], r["text"])):
+        if len(by_trait.setdefault(r["trait"], [])) < examples:
+            by_trait[r["trait"]].append({"kind": r["kind"], "text": r["text"]})
+    return {"per_trait": dict(sorted(per_trait.items())), "generated": generated,
+            "generated_kept": len(generated_kept),
+            "keep_rate": len(generated_kept) / generated if generated else None,
+            "examples_kept": by_trait, "examples_dropped": dropped}
+
+
+def write_clean(batch: pa.Table, out: StageOutput) -> pa.Table:
+    reasons = batch.column("drop_reason").to_pylist()
+    kept_mask = pa.array([r is None for r in reasons])
+    kept = batch.filter(kept_mask).select(schemas.MESSAGES.names).cast(schemas.MESSAGES)
+    dropped = batch.filter(pa.array([r is not None for r in reasons]))
+    rejected = pa.table({
+        "row_id": dropped.column("request_id"), "trait": dropped.column("trait"),
+        "reason": dropped.column("drop_reason"), "text": dropped.column("text"),
+        "detail": dropped.column("raw_text"),  # the model's whole reply, before extraction
+    }, schema=schemas.REJECTED)
+    return write_split(batch, out, "request_id", kept, rejected)
+
+
+def synthesize_messages(config: Config, force: bool = False, *, stage: str = STAGE, kinds: list[str] | None = None,
+                        per_trait: int | None = None, seed_questions: bool | None = None) -> StageResult:
+    """Messages into `<run>/<stage>`: the `synthesize` stage's work, and (with `stage`/`kinds`/`per_trait`)
+    evaluation's own messages, e.g. adversarial ones; in the library so both stages call it."""
+    out = StageOutput(config.run.output_dir, stage)
+    if (skipped := skip_or_reset(out, force)) is not None:
+        return skipped
+    constitution = load_constitution(config.traits.path, config.traits.only)
+    write_resolved_config(config)
+    init_ray(config.ray)
+    import ray.data
+
+    cfg = config.synthesize.model_copy(update={k: v for k, v in {
+        "kinds": kinds, "messages_per_trait": per_trait, "include_seed_questions": seed_questions}.items()
+        if v is not None})
+    result = StageResult(stage, out.uri)
+    with Timer() as timer:
+        if cfg.include_seed_questions and any(t.questions for t in constitution.traits):
+            out.write_part(seed_question_rows(constitution.traits), WORK, key="seed-questions")
+        done = sorted(out.ids("request_id", WORK))
+        total = len(constitution.traits) * cfg.messages_per_trait
+        traits = ray.data.from_items([{"trait_json": t.model_dump_json()} for t in constitution.traits])
+        requests = (
+            traits.flat_map(expand_requests, fn_kwargs=dict(per_trait=cfg.messages_per_trait, kinds=list(cfg.kinds),
+                                                           seed=config.run.seed + (0 if stage == STAGE else 7919)))
+            .map_batches(without_done, fn_kwargs=dict(column="request_id", done=done), batch_format="pyarrow")
+        )
+        generated = (
+            engine_sized_blocks(requests, config.engine)
+            .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
+                model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
+                # One message per list line (prompts.synthesis_prompt): the line's end ends the sample.
+                sampling=cfg.sampling.model_copy(update={"n": 1, "stop": ["\n"]}).model_dump(), seed=config.run.seed,
+                then=write_raw, then_kwargs=dict(out=out)),
+                **generation_pool_args(config.engine))
+        )
+        _, _, _, new_tokens = consume_counts(generated, f"{stage}: generate", total - len(done))
+
+        out.clear()  # a clean-up phase cut short by a kill is redone whole: it is cheap and deterministic
+        out.clear("rejected")
+        cleaned = (
+            ray.data.read_parquet(out.part_files(WORK), schema=schemas.RAW_MESSAGES, filesystem=out._fs()[0])
+            # Partitions scale with the trait count (Ray's default of 200 dominates small runs).
+            .groupby("trait", num_partitions=max(1, min(200, len(constitution.traits) // 16 + 1)))
+            .map_groups(clean_group, batch_format="pyarrow", fn_kwargs=dict(
+                min_chars=cfg.min_chars, max_chars=cfg.max_chars, near_threshold=cfg.near_duplicate_threshold,
+                num_perm=cfg.minhash_permutations, drop_truncated=cfg.drop_truncated,
+                require_question=cfg.require_question))
+            .map_batches(write_clean, fn_kwargs=dict(out=out), batch_format="pyarrow")
+        )
+        result.rows_in, result.rows_out, result.drops, _ = consume_counts(cleaned, f"{stage}: clean", None)
+    result.seconds = timer.seconds
+    kept = out.read(schema=schemas.MESSAGES, columns=["trait", "kind", "text"]).to_pylist() if result.rows_out else []
+    rejected = out.read("rejected", schema=schemas.REJECTED).to_pylist() if out.part_files("rejected") else []
+    result.extra = {"requested": total, "new_tokens_this_run": new_tokens, **keep_stats(kept, rejected)}
+    out.write_json("stats.json", result.summary())
+    out.mark_success(result.summary())
+    return result

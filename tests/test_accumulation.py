@@ -1,0 +1,105 @@
+"""Gradient accumulation under real DeepSpeed (ZeRO over gloo, one process): a non-finite micro-batch
+skips the whole optimizer step, consistently (train_common.accumulation_step)."""
+import os
+import socket
+
+import pytest
+import torch
+
+from character.train_common import accumulation_step, deepspeed_config
+
+ACCUM = 4
+
+
+@pytest.fixture(scope="module")
+def dist_group():
+    import torch.distributed as dist
+
+    from character.train_common import setup_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    setup_distributed(use_gpu=False)
+    yield
+    dist.destroy_process_group()
+
+
+def _engine(repo, stage: int, dtype: str = "float32"):
+    import deepspeed
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from character.config import TrainConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+    model = LlamaForSequenceClassification(config).to(getattr(torch, dtype))
+    ds = deepspeed_config(TrainConfig(deepspeed_config=str(repo / f"configs/deepspeed/zero{stage}.json")),
+                          2, ACCUM, 1, dtype)
+    engine, *_ = deepspeed.initialize(model=model, config=ds,
+                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    return engine
+
+
+def _snapshot(engine) -> dict:
+    """What an optimizer step changes: the fp32 master weights the wrapped torch optimizer steps (ZeRO's
+    flat partitions, which hold every parameter under each stage) and its state (Adam moments, step)."""
+    base = engine.optimizer.optimizer  # the torch AdamW inside DeepSpeed's ZeRO optimizer
+    # ZeRO-3 empties the torch optimizer's param groups between steps and keeps the flat partitions itself.
+    params = ([p for group in base.param_groups for p in group["params"]]
+              or list(engine.optimizer.fp32_partitioned_groups_flat))
+    state = {}
+    for i, param in enumerate(params):
+        state[f"param/{i}"] = param.detach().clone()
+        for name, value in base.state.get(param, {}).items():
+            state[f"opt/{i}/{name}"] = value.clone() if torch.is_tensor(value) else value
+    return state
+
+
+def _losses(engine, step: int, bad_micro: int | None = None):
+    def micro_loss(m: int):
+        ids = torch.randint(1, 300, (2, 8), generator=torch.Generator().manual_seed(100 * step + m))
+        loss = engine(input_ids=ids).logits.float().pow(2).mean()
+        return [loss * float("nan") if m == bad_micro else loss]
+
+    return micro_loss
+
+
+@pytest.mark.parametrize("stage, dtype", [(1, "float32"), (2, "float32"), (3, "float32"), (2, "bfloat16")])
+def test_a_nan_at_micro_batch_2_of_4_leaves_parameters_and_optimizer_untouched(dist_group, repo, stage, dtype):
+    engine = _engine(repo, stage, dtype)
+    accumulation_step([engine], _losses(engine, 0), ACCUM)  # a first good step: optimizer state exists
+    before = _snapshot(engine)
+    losses, applied = accumulation_step([engine], _losses(engine, 1, bad_micro=2), ACCUM)
+    assert not applied and len(losses) == 2  # micro-batches 0 and 1 were finite
+    after = _snapshot(engine)
+    assert before.keys() == after.keys() and any(k.startswith("opt/") for k in after)
+    for key in before:
+        assert torch.equal(torch.as_tensor(before[key]), torch.as_tensor(after[key])), key
+    # the next step is a whole, clean accumulation window: it ends exactly where a run that never saw the
+    # bad step ends (a `break` after micro-batch 2 left DeepSpeed's counter mid-window, so the next step's
+    # boundary came early and mixed the bad step's gradients in)
+    _, applied = accumulation_step([engine], _losses(engine, 2), ACCUM)
+    assert applied
+    clean = _engine(repo, stage, dtype)
+    for step in (0, 2):
+        accumulation_step([clean], _losses(clean, step), ACCUM)
+    changed, expected = _snapshot(engine), _snapshot(clean)
+    assert any(not torch.equal(before[k], changed[k]) for k in before if k.startswith("param/"))
+    for key in expected:
+        assert torch.equal(torch.as_tensor(changed[key]), torch.as_tensor(expected[key])), key
+
+
+def test_bf16_zero2_trains_in_bf16_with_fp32_master_weights(dist_group, repo):
+    """train.dtype bfloat16: the module computes in bf16, DeepSpeed gets the bf16 section and keeps fp32
+    master weights, and a step moves them."""
+    engine = _engine(repo, 2, "bfloat16")
+    assert engine.bfloat16_enabled() and next(engine.module.parameters()).dtype == torch.bfloat16
+    before = _snapshot(engine)
+    assert all(v.dtype == torch.float32 for k, v in before.items() if k.startswith("param/"))
+    losses, applied = accumulation_step([engine], _losses(engine, 0), ACCUM)
+    assert applied and all(torch.isfinite(torch.tensor(x)).all() for x in losses)
+    after = _snapshot(engine)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("param/"))

@@ -1,0 +1,78 @@
+"""The shared library pieces of PM scoring and model export (no Ray): the PM reads text with its own
+tokenizer, and exports are strict and exact."""
+import pytest
+import torch
+
+from character.models import export_model, load_tokenizer, resolve_model
+
+PROMPTS = ["What do you remember between conversations?", "Is it fine to be unsure?"]
+RESPONSES = ["Nothing carries over; each conversation starts fresh for me.", "Yes, saying so is honest."]
+
+
+def _export_pm(base: str, target):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(base), num_labels=1)
+    export_model(AutoModelForSequenceClassification, model.config, model.state_dict(), load_tokenizer(base),
+                 str(target))
+    return model.eval()
+
+
+def test_a_pm_on_another_tokenizer_scores_text_with_its_own(tmp_path, make_config):
+    """PM base tiny-qwen2 (vocabulary 1536), policy tiny-llama (2048): PPO's and evaluate's scorer must
+    tokenise with the PM's tokenizer; with the policy's ids (the old Scorer) the scores are wrong."""
+    from character.pm_data import encode_response, pad_batch
+    from character.scoring import SequenceScorer
+
+    pm = _export_pm("tiny-qwen2", tmp_path / "pm")
+    config = make_config(tmp_path, "pm.base_model=tiny-qwen2", "ppo.critic_init=policy", "ppo.reward=pm")
+    scores = SequenceScorer(config)(PROMPTS, RESPONSES, ["stop", "stop"])
+
+    def direct(tokenizer):
+        ids, mask = pad_batch([encode_response(tokenizer, p, r, config.pm.max_length)
+                               for p, r in zip(PROMPTS, RESPONSES)], tokenizer.pad_token_id)
+        with torch.no_grad():
+            return pm(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+
+    assert torch.allclose(scores, direct(load_tokenizer("tiny-qwen2")), atol=1e-5)
+    with pytest.raises(IndexError):  # the policy's ids (the old Scorer) run past the PM's vocabulary
+        direct(load_tokenizer("tiny-llama"))
+
+
+def test_rule_reward_adds_the_truncation_penalty(tmp_path, make_config):
+    from character.scoring import SequenceScorer
+
+    config = make_config(tmp_path, "ppo.reward=rule", "ppo.critic_init=policy", "judge.kind=rule",
+                         "judge.rule.type=length", "judge.rule.target_words=0", "ppo.truncation_penalty=-2")
+    scores = SequenceScorer(config)(["q", "q"], ["one two three", "one"], ["stop", "length"])
+    assert scores.tolist() == pytest.approx([-3.0, -3.0])
+
+
+def test_export_is_strict_and_exact(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-qwen2"))  # tied embeddings
+    weights = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    export_model(AutoModelForCausalLM, model.config, weights, load_tokenizer("tiny-qwen2"), str(tmp_path / "out"),
+                 {"metrics.json": {"a": 1}})
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key, value in saved.items():
+        assert torch.equal(value, weights[key]), key
+    assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
+    missing = {k: v for k, v in weights.items() if k != "model.norm.weight"}
+    with pytest.raises(RuntimeError, match="model.norm.weight"):  # strict: never a silently untrained tensor
+        export_model(AutoModelForCausalLM, model.config, missing, load_tokenizer("tiny-qwen2"), str(tmp_path / "x"))
+
+
+def test_bf16_weights_cross_to_the_engines_bit_exactly():
+    from character.rollout import arrays_for_engines, tensors_from_arrays
+
+    weights = {"model.embed_tokens.weight": torch.randn(5, 4).bfloat16(), "model.norm.weight": torch.randn(4)}
+    arrays = arrays_for_engines(weights, tie_word_embeddings=True)
+    back = tensors_from_arrays(arrays)
+    assert set(back) == set(weights)
+    for key, value in weights.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
