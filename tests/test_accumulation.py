@@ -20,10 +20,13 @@ def dist_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    saved = dict(os.environ)  # later tests start in-process vLLM engines: no stale rank variables for them
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     setup_distributed(use_gpu=False)
     yield
     dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _engine(repo, stage: int, dtype: str = "float32"):

@@ -39,26 +39,36 @@ BUCKET = "character-ci"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """An S3 endpoint on 127.0.0.1 with an empty bucket; the AWS variables that point pyarrow (and boto3) at
-    it are set for this process and returned for the cluster's."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+def s3(tmp_path_factory):
+    """An S3 endpoint on 127.0.0.1 (moto's server, in its own process: imported here, its Flask proxies
+    would break vLLM's scan of loaded modules in later tests) with an empty bucket; the AWS variables that
+    point pyarrow at it are set for this process and returned for the cluster's."""
+    import pyarrow.fs as pafs
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    aws = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    port = _free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in aws}
     os.environ.update(aws)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
     try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+                time.sleep(0.3)
+        pafs.S3FileSystem(endpoint_override=aws["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(BUCKET)
         yield aws
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +184,7 @@ class _Page(HTMLParser):
 
 
 def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
+    assert "flask" not in sys.modules  # moto's server stays in its own process (see the s3 fixture)
     run_uri, run_dir = submitted_run
     in_bucket = _bucket_files(run_uri)
     for stage in ("messages", "responses", "preferences", "pm", "policy", "eval", "report"):
