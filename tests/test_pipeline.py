@@ -109,9 +109,11 @@ def token_cluster(tmp_path_factory, s3):
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster's processes it started
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
+            # Its graceful stop takes ~35 s here; the whole group (head, raylet, workers: one session) goes now.
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
 
 
 def test_submission_without_the_token_is_refused(token_cluster, tmp_path):
@@ -231,10 +233,11 @@ def test_character_run_skips_complete_stages_and_redoes_after_a_deleted_one(subm
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do: every stage is complete" in again.stdout
     assert "Started a local Ray instance" not in again.stdout + again.stderr  # no work, not even a Ray
-    before = {s: committed(s) for s in ("messages", "responses", "preferences", "pm")}
-    fs.delete_dir(f"{root}/policy")
+    before = {s: committed(s) for s in ("messages", "responses", "preferences", "pm", "policy")}
+    # A deleted stage in the middle of the chain (a deleted policy/ is redone in test_train_ppo).
+    fs.delete_dir(f"{root}/eval")
     redo = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
     assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
-    assert "stages run: train-ppo, evaluate, report" in redo.stdout
+    assert "stages run: evaluate, report" in redo.stdout
     assert {s: committed(s) for s in before} == before
-    assert "report/_SUCCESS" in _bucket_files(run_uri) and "policy/model.safetensors" in _bucket_files(run_uri)
+    assert {"eval/_SUCCESS", "eval/summary.json", "report/_SUCCESS"} <= _bucket_files(run_uri)

@@ -132,17 +132,26 @@ def test_stopped_ppo_resumes_to_the_same_policy_with_one_kl_coefficient_and_ever
         assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
 
 
-def test_a_bf16_ppo_iteration_trains_and_exports_bf16(tmp_path, messages, make_config):
+def test_a_bf16_ppo_iteration_trains_exports_bf16_and_is_redone_once_its_output_is_deleted(tmp_path, messages,
+                                                                                            make_config):
     """train.dtype bfloat16 on CPU: policy, critic and reference in bf16 under ZeRO-2 (bf16 section in the
-    DeepSpeed config), losses in fp32, bf16 weights synced into the fp32 vLLM engine, a bf16 export."""
+    DeepSpeed config), losses in fp32, bf16 weights synced into the fp32 vLLM engine, a bf16 export.
+    Then `policy/` is deleted (its metric history with it) while the last Ray Train checkpoint stays: the
+    stage starts afresh instead of resuming past every iteration and failing on the lost history."""
     import math
 
     from safetensors.torch import load_file
 
-    _, lines = _run(tmp_path, messages, make_config, "train.dtype=bfloat16", "ppo.iterations=1", "ppo.eval_every=1",
-                    "train.checkpoint_every=100")
+    bf16 = ["train.dtype=bfloat16", "ppo.iterations=1", "ppo.eval_every=1", "train.checkpoint_every=100"]
+    _, lines = _run(tmp_path, messages, make_config, *bf16)
     [it] = [x for x in lines if "reward" in x]
     for key in ("reward", "kl", "policy_loss", "value_loss", "entropy", "eval_reward"):
         assert math.isfinite(it[key]), (key, it)
     assert it["skipped"] == 0
     assert {v.dtype for v in load_file(str(tmp_path / "policy" / "model.safetensors")).values()} == {torch.bfloat16}
+
+    assert list((tmp_path / "_train" / "policy").glob("checkpoint_*"))
+    shutil.rmtree(tmp_path / "policy")
+    _, again = _run(tmp_path, messages, make_config, *bf16)
+    assert [(x["iteration"], x.get("resumed_from")) for x in again if "reward" in x] == [(1, None)]
+    assert StageOutput(str(tmp_path), "policy").complete()
