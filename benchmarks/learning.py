@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from character.config import load_config
     from character.judge import RuleJudge
-    from character.splits import message_split
+    from character.splits import HELD_OUT, read_messages
     from character.stages import synthesize, train_ppo
     from character.store import StageOutput
 
@@ -98,11 +98,11 @@ def main(argv=None) -> int:
         f"synthesize.messages_per_trait={args.messages}", "judge.kind=rule", "judge.rule.type=keywords",
         f"judge.rule.words=[{RULE_WORD}]", "judge.rule.max_count=1", "ppo.reward=rule", "ppo.critic_init=policy",
         f"ppo.iterations={args.iterations}", f"ppo.lr={args.lr}", f"ppo.kl_coef={args.kl_coef}",
-        "ppo.eval_fraction=0.4", "ppo.eval_prompts=16", "ppo.eval_every=4", "ppo.ppo_epochs=1", *args.overrides])
+        "run.held_out_fraction=0.4", "ppo.eval_fraction=0.2", "ppo.eval_prompts=16", "ppo.eval_every=4", "ppo.ppo_epochs=1", *args.overrides])
     started = time.time()
     synthesize.run(config)
     ppo = train_ppo.run(config)
-    _, held = message_split(config)
+    held = read_messages(config.run.output_dir, (HELD_OUT,))  # never seen by PPO
     policy = StageOutput(config.run.output_dir, "policy").path()
     base_answers = answers(config.model.name, config, held, args.samples)
     trained_answers = answers(policy, config, held, args.samples)

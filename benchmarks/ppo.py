@@ -123,12 +123,12 @@ def worker_rollout(args) -> None:
     from character.pm_data import chat_prefix
     from character.rollout import RolloutEngine, arrays_for_engines
     from character.ppo_trainer import iteration_seeds
-    from character.splits import message_split
+    from character.splits import ppo_messages
 
     config = make_config(args, args.out)
     cfg, seed = config.ppo, config.run.seed
     sizes = [int(x) for x in args.prompts.split(",") if x.strip()]
-    train, _ = message_split(config)
+    train, _ = ppo_messages(config)
     tokenizer = load_tokenizer(config.model.name)
     rows = [train[k % len(train)] for k in range(max(sizes))]  # wraps around like ppo_loop's epochs
     prompts = [chat_prefix(tokenizer, r["text"])[-cfg.max_prompt_tokens:] for r in rows]

@@ -25,7 +25,10 @@ class Strict(BaseModel):
 
 class RunConfig(Strict):
     output_dir: str = "runs/default"  # local path or any pyarrow/fsspec URI (s3://, gs://)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy, torch and vLLM all take it (numpy refuses negatives)
+    # Messages held out of every training stage for evaluation, by a stable hash of message_id; the split
+    # is made once by synthesize and stored in messages/ (character/splits.py).
+    held_out_fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class RayConfig(Strict):
@@ -217,7 +220,7 @@ class PMConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=8)
     margin: float = Field(0.0, ge=0)
-    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    eval_fraction: float = Field(0.2, gt=0, lt=1)  # validation pairs, by message, out of the `train` split
     eval_every: int = Field(0, ge=0)  # steps; 0: at each checkpoint and at the end
     max_nonfinite_in_row: int = Field(3, ge=1)
     calibration_bins: int = Field(5, ge=1)
@@ -247,7 +250,9 @@ class PPOConfig(Strict):
     kl_estimator: Literal["k1", "k3"] = "k1"
     whiten_advantages: bool = True
     truncation_penalty: float = 0.0  # added to the score of a response cut off at max_tokens
-    eval_fraction: float = Field(0.1, gt=0, lt=1)  # held-out messages (by message_id), never trained on
+    # Validation prompts for the held-out reward curve, by message_id, out of the `train` split (evaluation's
+    # held-out messages are never shown to PPO).
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
     eval_prompts: int = Field(32, ge=1)
     eval_every: int = Field(5, ge=1)
     rollout_engines: int = Field(1, ge=1)
@@ -325,9 +330,27 @@ class Config(Strict):
         return self
 
 
+# Which model fields a stage loads (the judge's model defaults to the policy model).
+_MODEL_FIELDS = {
+    "synthesize": ["model.name"], "respond": ["model.name"], "rank": ["model.name", "judge.model"],
+    "train-pm": ["model.name", "pm.base_model"], "train-ppo": ["model.name", "pm.base_model"],
+    "evaluate": ["model.name", "evaluate.judge.model"],
+}
+
+
 def check_stage_config(config: Config, stage: str) -> None:
     """Constraints that only matter to one stage, checked before that stage (or `run`) starts."""
     origin = config.source or "<config>"
+    for field in _MODEL_FIELDS.get(stage, []):
+        section, _, key = field.rpartition(".")
+        node = config
+        for part in section.split("."):
+            node = getattr(node, part)
+        name = getattr(node, key)
+        from character.models import model_problem
+
+        if name is not None and (why := model_problem(name)) is not None:
+            raise ConfigError(f"{origin}: field '{field}': {why}")
     if stage in ("train-pm", "train-ppo"):
         from character.train_common import read_deepspeed_json, zero_stage
 

@@ -145,3 +145,29 @@ def drop_reasons(
         lsh.insert(str(i), sketch)
         reasons.append(None)
     return reasons
+
+
+def near_duplicates_of(reference: list[str], candidates: list[str], *, near_threshold: float,
+                       num_perm: int = 64) -> list[int | None]:
+    """For each candidate text: the index of a reference text it exactly or nearly duplicates (word 3-gram
+    Jaccard >= near_threshold, MinHash LSH then the exact Jaccard, as in `drop_reasons`), else None.
+    Used to keep evaluation messages that are near-copies of a training message out of evaluation."""
+    lsh = MinHashLSH(threshold=near_threshold, num_perm=num_perm)
+    grams: dict[str, set[str]] = {}
+    exact: dict[str, int] = {}
+    for i, text in enumerate(reference):
+        exact.setdefault(exact_key(text), i)
+        grams[str(i)] = shingles(text)
+        if grams[str(i)]:
+            lsh.insert(str(i), _minhash(grams[str(i)], num_perm))
+    found: list[int | None] = []
+    for text in candidates:
+        key = exact_key(text)
+        if key in exact:
+            found.append(exact[key])
+            continue
+        mine = shingles(text)
+        hits = sorted((int(c) for c in lsh.query(_minhash(mine, num_perm)) if jaccard(mine, grams[c]) >= near_threshold)
+                      if mine else [])
+        found.append(hits[0] if hits else None)
+    return found

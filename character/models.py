@@ -263,6 +263,28 @@ def resolve_model(name: str) -> str:
     return name  # a Hugging Face hub id, fetched by transformers / vLLM on a machine that reaches the hub
 
 
+def model_problem(name: str) -> str | None:
+    """Why `name` cannot be a model here (None: it can): not a built-in, not an existing folder with a
+    config.json, and either path-like or, while offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), not in
+    the Hugging Face cache. Object-storage URIs are checked when fetched."""
+    if name in BUILTIN_MODELS or name in PACKAGED_MODELS or "://" in name:
+        return None
+    local = Path(name).expanduser()
+    if local.exists():
+        return None if (local / "config.json").is_file() else f"{local} is a folder without config.json"
+    builtins = ", ".join([*BUILTIN_MODELS, *PACKAGED_MODELS])
+    # A hub id is `name` or `org/name`; anything else that does not exist is a mistyped local path.
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/"):
+        return f"no such folder {local.resolve()} (and not a built-in model: {builtins})"
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return (f"'{name}' is not a built-in model ({builtins}), not a local folder, and not in the Hugging Face "
+                    f"cache while offline (HF_HUB_OFFLINE)")
+    return None
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

@@ -14,9 +14,9 @@ import math
 import numpy as np
 
 
-def is_held_out(message_id: str, fraction: float, seed: int) -> bool:
-    """Stable held-out assignment by message: no message has pairs on both sides."""
-    h = int(hashlib.sha256(f"{seed}:{message_id}".encode()).hexdigest()[:12], 16)
+def is_held_out(message_id: str, fraction: float, salt: int | str) -> bool:
+    """Stable held-out assignment by message: no message has pairs on both sides (character/splits.py)."""
+    h = int(hashlib.sha256(f"{salt}:{message_id}".encode()).hexdigest()[:12], 16)
     return (h % 1_000_000) / 1_000_000 < fraction
 
 

@@ -205,7 +205,7 @@ class PPOWorker:
 
         from character.losses import AdaptiveKLController
         from character.models import load_tokenizer
-        from character.splits import message_split
+        from character.splits import ppo_messages
         from character.train_common import NonFiniteGuard, restore, setup_distributed, tensorboard_writer
 
         self.config, self.cfg, self.seed, self.engines = config, config.ppo, config.run.seed, engines
@@ -214,7 +214,7 @@ class PPOWorker:
         setup_distributed(config.train.use_gpu)
         torch.manual_seed(self.seed)
         self.tokenizer = load_tokenizer(config.model.name)
-        self.train, self.held = message_split(config)
+        self.train, self.held = ppo_messages(config)
         self.policy, self.critic, self.reference, self.scorer, self.policy_model, self.micro = _build_models(
             config, self.world)
         self.tie = bool(self.policy_model.config.tie_word_embeddings)

@@ -28,7 +28,9 @@ def stage_work(config: Config, n_traits: int, n_seed_questions: int) -> dict[str
     """Estimated token passes per stage of `character run`."""
     syn, res, rank, pm, ppo, ev = (config.synthesize, config.respond, config.rank, config.pm, config.ppo,
                                    config.evaluate)
-    messages = n_traits * syn.messages_per_trait * KEEP + (n_seed_questions if syn.include_seed_questions else 0)
+    # Training messages only: respond, rank and the PM see the `train` split.
+    messages = (n_traits * syn.messages_per_trait * KEEP + (n_seed_questions if syn.include_seed_questions else 0)) \
+        * (1 - config.run.held_out_fraction)
     k, answer = res.candidates, res.sampling.max_tokens
     pairs_per_message = 1 if rank.pairs == "best_worst" else comb(k, 2)
     if config.judge.kind == "contrast":
@@ -50,12 +52,13 @@ def stage_work(config: Config, n_traits: int, n_seed_questions: int) -> dict[str
     generations = 2 * eval_messages * ev.samples * (PROMPT_TOKENS + ev.sampling.max_tokens * 2)
     scoring = 2 * eval_messages * ev.samples * (PROMPT_TOKENS + ev.sampling.max_tokens) * 2  # reward model + judge
     return {
-        "synthesize": n_traits * syn.messages_per_trait * (PROMPT_TOKENS + 2 * syn.sampling.max_tokens),
+        "synthesize": n_traits * (syn.messages_per_trait + ev.adversarial_per_trait)
+        * (PROMPT_TOKENS + 2 * syn.sampling.max_tokens),
         "respond": messages * (PROMPT_TOKENS + k * answer * 2),
         "rank": judging,
         "train-pm": TRAIN_PASS * pm_tokens,
         "train-ppo": ppo_tokens,
-        "evaluate": generations + scoring + n_traits * ev.adversarial_per_trait * (PROMPT_TOKENS + 80),
+        "evaluate": generations + scoring,
         "report": 0.0,
     }
 

@@ -11,7 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from character.config import Config, RayConfig
-from character.store import StageOutput, stable_id
+from character.store import StageInputError, StageOutput, stable_id
+
+__all__ = ["StageInputError"]  # raised by stages, defined with the storage it is about
+
+# Output folder -> the command that writes it (for messages that name the upstream stage).
+WRITER = {"messages": "synthesize", "responses": "respond", "preferences": "rank", "pm": "train-pm",
+          "policy": "train-ppo", "eval": "evaluate"}
 
 log = logging.getLogger("character")
 
@@ -36,6 +42,11 @@ def init_ray(cfg: RayConfig) -> None:
     ray.init(**kwargs)
 
 
+def format_counts(counts: dict, empty: str = "none") -> str:
+    """"too_short=31, empty=9"-style text of reason counts (sorted by reason), or `empty`."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or empty
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -50,7 +61,7 @@ class StageResult:
     def line(self) -> str:
         if self.skipped:
             return f"[{self.stage}] already complete at {self.path}: nothing to do (use --force to redo)"
-        drops = ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "none"
+        drops = format_counts(self.drops)
         return (f"[{self.stage}] rows in {self.rows_in}, rows out {self.rows_out}, dropped {sum(self.drops.values())} "
                 f"({drops}), {self.seconds:.1f}s -> {self.path}")
 
@@ -61,13 +72,25 @@ class StageResult:
 
 def skip_or_reset(out: StageOutput, force: bool) -> StageResult | None:
     """A complete stage is skipped unless forced; a forced one starts from nothing, its Ray Train state
-    under `_train/<stage>` included."""
+    under `_train/<stage>` included; an interrupted one resumes, after moving unreadable parts aside."""
     if force:
         out.reset()
         reset_train_state(out)
     elif out.complete():
         return StageResult(out.stage, out.uri, skipped=True)
+    else:
+        for moved in out.quarantine_unreadable():
+            print(f"[{WRITER.get(out.stage, out.stage)}] quarantined {moved['file']} -> {moved['moved_to']}: "
+                  f"{moved['reason']}; its rows are made again", flush=True)
     return None
+
+
+def upstream_cause(output: StageOutput) -> str:
+    """What an upstream stage kept, from its `_SUCCESS` record: "synthesize kept 0 of 40 (too_short=31, empty=9)"."""
+    info = output.success_info() if output.complete() else {}
+    drops = format_counts(info.get("drops") or {}, "nothing set aside")
+    return (f"{WRITER.get(output.stage, output.stage)} kept {info.get('rows_out', '?')} of {info.get('rows_in', '?')} "
+            f"({drops})")
 
 
 def reset_train_state(out: StageOutput) -> None:
@@ -80,6 +103,11 @@ def without_done(batch: pa.Table, column: str, done: list[str]) -> pa.Table:
     if not done:
         return batch
     return batch.filter(pc.invert(pc.is_in(batch.column(column), value_set=pa.array(done, pa.string()))))
+
+
+def keep_split(batch: pa.Table, split: str) -> pa.Table:
+    """Only the rows of one split of messages/ (training stages read `train`)."""
+    return batch.filter(pc.equal(batch.column("split"), split))
 
 
 def batch_key(ids: list[str]) -> str:

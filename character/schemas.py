@@ -9,6 +9,9 @@ MESSAGES = pa.schema([
     pa.field("kind", pa.string(), nullable=False),  # values | situation | self | everyday | adversarial | seed
     pa.field("text", pa.string(), nullable=False),
     pa.field("request_id", pa.string(), nullable=False),  # the generation request it came from
+    # train | held_out (a stable hash of message_id, run.held_out_fraction) | adversarial (synthesised for
+    # evaluation only): assigned once, here; training stages read `train`, evaluate the other two.
+    pa.field("split", pa.string(), nullable=False),
 ])
 
 # Raw generations of `synthesize`, kept under messages/_work/ so an interrupted run resumes.
@@ -19,6 +22,7 @@ RAW_MESSAGES = pa.schema([
     pa.field("raw_text", pa.string(), nullable=False),
     pa.field("finish_reason", pa.string(), nullable=False),
     pa.field("reject_reason", pa.string()),  # set by the engine, e.g. prompt_too_long
+    pa.field("split", pa.string()),  # "adversarial" for evaluation's own requests; None: split by message_id
 ])
 
 # Rows set aside by any stage, with the reason; nothing is dropped silently.

@@ -3,7 +3,9 @@
 Layout: `<output_dir>/<stage>/part-<key>.parquet` (+ `rejected/part-*.parquet` for set-aside rows,
 `stats.json`) and `_SUCCESS` last. Each part is written to a hidden temporary name and renamed into
 place, so a killed writer leaves either a whole part or nothing; a stage counts as done only once
-`_SUCCESS` exists. A rerun reads the ids already in committed parts and processes only the rest.
+`_SUCCESS` exists. A rerun reads the ids already in committed parts and processes only the rest; a part
+that cannot be read (a disk or copy that cut it short) is first moved to `<stage>/_quarantine/`, with the
+other parts of its batch, so its rows are made again instead of blocking every rerun.
 """
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 SUCCESS = "_SUCCESS"
+QUARANTINE = "_quarantine"
+
+
+class StageInputError(ValueError):
+    """A stage's input cannot give it anything to do (missing, unreadable, empty or too small): the message
+    names the stage, the input and its upstream cause; raised before the stage writes `_SUCCESS`."""
 
 
 def stable_id(*parts: str) -> str:
@@ -114,6 +122,67 @@ class StageOutput:
     def part_keys(self, *sub: str) -> set[str]:
         return {posixpath.basename(p)[len("part-"):-len(".parquet")] for p in self.part_files(*sub)}
 
+    def all_part_files(self) -> list[str]:
+        """Every part under this output, sub-folders included, except quarantined ones."""
+        fs, root = self._fs()
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
+                      and i.base_name.endswith(".parquet") and not i.path[len(root):].lstrip("/").startswith(QUARANTINE))
+
+    def part_problem(self, path: str, footer_only: bool = False) -> str | None:
+        """Why a part cannot be read (None: it can). Whole parts are read batch by batch (memory stays
+        bounded); `footer_only` reads just the metadata, which a truncated file has lost."""
+        fs, _ = self._fs()
+        try:
+            with fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                if not footer_only:
+                    for _ in parquet.iter_batches(batch_size=65536):
+                        pass
+        except (pa.ArrowException, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def quarantine_unreadable(self) -> list[dict]:
+        """Move parts that cannot be read, and every part written under the same batch key (a batch's kept
+        rows, set-aside rows and commit record go together), to `_quarantine/` (same relative path), log why
+        in `_quarantine/log.jsonl`, and return what moved. The ids in them are then missing, so the stage's
+        resume makes those rows again."""
+        bad = {p: why for p in self.all_part_files() if (why := self.part_problem(p))}
+        if not bad:
+            return []
+        fs, root = self._fs()
+        keys = {posixpath.basename(p) for p in bad}
+        moved = []
+        for path in self.all_part_files():
+            if posixpath.basename(path) not in keys:
+                continue
+            rel = path[len(root):].lstrip("/")
+            dest = posixpath.join(root, QUARANTINE, rel)
+            if fs.get_file_info(dest).type != pafs.FileType.NotFound:
+                dest = f"{dest[:-len('.parquet')]}.{uuid.uuid4().hex[:8]}.parquet"
+            fs.create_dir(posixpath.dirname(dest), recursive=True)
+            fs.move(path, dest)
+            moved.append({"file": rel, "moved_to": dest[len(root):].lstrip("/"), "at": time.time(),
+                          "reason": bad.get(path, "written with an unreadable part of the same batch")})
+        log_name = posixpath.join(QUARANTINE, "log.jsonl")
+        earlier = self.read_text(log_name) if self.exists(log_name) else ""
+        self.write_text(log_name, earlier + "".join(json.dumps(m) + "\n" for m in moved))
+        return moved
+
+    def replace_part(self, path: str, table: pa.Table) -> None:
+        """Rewrite a committed part in place (atomically); an empty table deletes it."""
+        fs, _ = self._fs()
+        if not table.num_rows:
+            fs.delete_file(path)
+            return
+        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}.parquet")
+        with fs.open_output_stream(tmp) as sink:
+            pq.write_table(table, sink)
+        fs.move(tmp, path)
+
     def clear(self, *sub: str) -> None:
         fs, _ = self._fs()
         for path in self.part_files(*sub):
@@ -156,11 +225,12 @@ class StageOutput:
     def write_text(self, name: str, text: str) -> None:
         """Whole-file write, atomic on a local disk (temp + rename) and on object stores (one PUT)."""
         fs, root = self._fs()
-        self.ensure()
-        tmp = posixpath.join(root, f".tmp-{uuid.uuid4().hex}-{name}")
+        folder, base = posixpath.split(name)
+        target = self.ensure(*([folder] if folder else []))
+        tmp = posixpath.join(target, f".tmp-{uuid.uuid4().hex}-{base}")
         with fs.open_output_stream(tmp) as sink:
             sink.write(text.encode("utf-8"))
-        fs.move(tmp, posixpath.join(root, name))
+        fs.move(tmp, posixpath.join(target, base))
 
     def read_text(self, name: str) -> str:
         fs, root = self._fs()
@@ -172,11 +242,19 @@ class StageOutput:
 
 
 def require_complete(output: StageOutput, needed_by: str) -> None:
+    """The upstream output is complete and each of its parts has a readable footer (a cheap check; a part
+    cut short loses its footer), else an error naming the file and the way out."""
     if not output.complete():
         raise FileNotFoundError(
             f"{needed_by} needs the '{output.stage}' output at {output.uri}, which has no {SUCCESS}: "
             f"run that stage first"
         )
+    for path in output.all_part_files():
+        if (why := output.part_problem(path, footer_only=True)) is not None:
+            raise StageInputError(
+                f"{needed_by}: {path} cannot be read ({why}). Delete {output.path(SUCCESS)} and rerun the stage "
+                f"that writes '{output.stage}': it moves the part to {output.path(QUARANTINE)}/ and makes its rows "
+                f"again")
 
 
 def is_remote(uri: str) -> bool:

@@ -109,6 +109,9 @@ def test_traits_only_picks_a_subset_and_names_unknown_ones(repo):
 @pytest.mark.parametrize("content,needle", [
     ("respond:\n  candidates: one\n", "respond.candidates"),
     ("traits:\n  path: /nonexistent/traits.yaml\n", "traits file not found"),
+    ("model:\n  name: ./models/no-such-model\n", "field 'model.name': no such folder"),
+    ("run:\n  seed: -1\n", "field 'run.seed': Input should be greater than or equal to 0"),
+    ("run:\n  held_out_fraction: 0\n", "field 'run.held_out_fraction'"),
 ])
 def test_cli_fails_before_ray_starts(tmp_path, repo, content, needle):
     path = tmp_path / "bad.yaml"
@@ -129,3 +132,32 @@ def test_cluster_config_validates(repo):
     for stage in ("train-pm", "train-ppo"):
         check_stage_config(cfg, stage)
     assert cfg.run.output_dir.startswith("s3://")  # URIs stay URIs; local paths are made absolute
+
+
+def test_models_that_cannot_load_fail_naming_the_field(tmp_path, repo, monkeypatch):
+    """A missing local folder, a folder without config.json, or (offline) a hub id not in the cache: a
+    config error naming the field, before any stage starts; built-ins and cached hub ids pass."""
+    from character.config import check_stage_config
+    from character.models import model_problem
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at its import
+    assert model_problem("tiny-llama") is None and model_problem("smollm2-135m-instruct") is None
+    assert model_problem("s3://bucket/run/policy") is None  # checked when fetched
+    assert "not in the Hugging Face cache" in model_problem("someorg/not-downloaded")
+    cached = tmp_path / "hub" / "models--someorg--cached" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--someorg--cached" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someorg--cached" / "refs" / "main").write_text("abc")
+    assert model_problem("someorg/cached") is None
+    (tmp_path / "empty").mkdir()
+    assert "without config.json" in model_problem(str(tmp_path / "empty"))
+    config = load_config(repo / "configs/tiny.yaml", [f"judge.model={tmp_path}/nope/model"])
+    check_stage_config(config, "respond")  # respond does not load the judge
+    with pytest.raises(ConfigError, match=r"field 'judge.model': no such folder .*nope/model"):
+        check_stage_config(config, "rank")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert model_problem("someorg/not-downloaded") is None  # online: the hub may have it

@@ -82,14 +82,60 @@ def test_statements_pass_when_questions_are_not_required():
 def test_keep_stats_counts_generated_messages_and_shows_distinct_examples():
     from character.synthesis import keep_stats
 
-    kept = [{"trait": "a", "kind": "seed", "text": "Seed?"}, {"trait": "a", "kind": "values", "text": "Why?"},
-            {"trait": "b", "kind": "self", "text": "Who are you?"}]
+    kept = [{"trait": "a", "kind": "seed", "text": "Seed?", "split": "train"},
+            {"trait": "a", "kind": "values", "text": "Why?", "split": "held_out"},
+            {"trait": "b", "kind": "self", "text": "Who are you?", "split": "train"}]
     rejected = [{"trait": "a", "reason": "exact_duplicate", "text": "Why?", "detail": " Why?"},
                 {"trait": "a", "reason": "exact_duplicate", "text": "Why?", "detail": " Why? "},
                 {"trait": "b", "reason": "not_a_question", "text": "I am lucky.", "detail": " I am lucky."}]
     stats = keep_stats(kept, rejected)
     assert (stats["generated"], stats["generated_kept"], stats["keep_rate"]) == (5, 2, 0.4)  # seeds aside
     assert stats["per_trait"] == {"a": 2, "b": 1}
+    assert stats["per_split"] == {"train": 2, "held_out": 1, "adversarial": 0}
     assert stats["examples_kept"] == {"a": [{"kind": "values", "text": "Why?"}], "b": [{"kind": "self", "text": "Who are you?"}]}
     assert len(stats["examples_dropped"]["exact_duplicate"]) == 1  # one example per distinct text
     assert stats["examples_dropped"]["not_a_question"][0]["reply"] == " I am lucky."
+
+
+def test_near_duplicates_of_training_messages_are_found_across_traits_and_confirmed_exactly():
+    from character.dedupe import near_duplicates_of
+
+    train = ["What do you think about honesty in friendships and at work?", "Tell me about the moon landing.",
+             "How do birds find their way south every winter?"]
+    candidates = ["what do you think about HONESTY in friendships and at work",  # exact under the key
+                  "What do you think about honesty in friendships and at work, really?",  # near
+                  "How do fish find their way home every spring?",  # shares a few 3-grams only
+                  ""]
+    assert near_duplicates_of(train, candidates, near_threshold=0.7) == [0, 0, None, None]
+    assert near_duplicates_of([], candidates, near_threshold=0.7) == [None] * 4
+
+
+def test_clean_group_splits_by_message_id_and_drops_the_evaluation_look_alike_not_the_training_one():
+    """Two near-identical messages of one trait, one hashed to held_out and one to train: whatever their
+    request order, the training one is kept and the held-out copy is set aside."""
+    import pyarrow as pa
+
+    from character import schemas
+    from character.splits import assign_split
+    from character.store import stable_id
+    from character.synthesis import clean_group
+
+    base = "How should I tell my friend the honest truth about the gift she gave me"
+    texts = {}
+    for k in range(200):  # two variants that land in different splits
+        text = f"{base} {'really ' * k}?"
+        texts.setdefault(assign_split(stable_id("honesty", text), 0.5), text)
+        if len(texts) == 2:
+            break
+    rows = [{"request_id": rid, "trait": "honesty", "kind": "values", "raw_text": texts[split],
+             "finish_reason": "stop", "reject_reason": None, "split": None}
+            for rid, split in (("a-first", "held_out"), ("b-second", "train"))]
+    rows.append({"request_id": "c-adv", "trait": "honesty", "kind": "adversarial", "raw_text": "Drop the act now.",
+                 "finish_reason": "stop", "reject_reason": None, "split": "adversarial"})
+    out = clean_group(pa.Table.from_pylist(rows, schema=schemas.RAW_MESSAGES), min_chars=4, max_chars=600,
+                      near_threshold=0.5, num_perm=64, drop_truncated=True, require_question=False,
+                      held_out_fraction=0.5).to_pylist()
+    by_request = {r["request_id"]: r for r in out}
+    assert by_request["b-second"]["split"] == "train" and by_request["b-second"]["drop_reason"] is None
+    assert by_request["a-first"]["split"] == "held_out" and by_request["a-first"]["drop_reason"] == "near_duplicate"
+    assert by_request["c-adv"]["split"] == "adversarial" and by_request["c-adv"]["drop_reason"] is None

@@ -89,7 +89,8 @@ def test_pool_grows_onto_an_added_node_and_survives_a_removed_one(cluster, tmp_p
     traits = load_constitution(config.traits.path).traits
     expected = [r["request_id"] for t in traits
                 for r in expand_requests({"trait_json": t.model_dump_json()}, per_trait=PER_TRAIT,
-                                         kinds=list(config.synthesize.kinds), seed=config.run.seed)]
+                                         kinds=list(config.synthesize.kinds), seed=config.run.seed,
+                                         adversarial=config.evaluate.adversarial_per_trait)]
     expected += seed_question_rows(traits).column("request_id").to_pylist()
     out = StageOutput(str(run_dir), "messages")
     assert out.complete(), text[-3000:]

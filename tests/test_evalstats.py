@@ -1,25 +1,43 @@
-"""Win-rate and interval arithmetic against hand-computed values."""
+"""Evaluation intervals against hand-computed values (pure, no Ray): clustered by message."""
 import math
 
 import pytest
 
-from character.evalstats import Z95, mean_ci, paired_delta_ci, wilson, win_rates
+from character.evalstats import clustered_delta, clustered_mean, wilson, win_rates
+
+T_975_3 = 3.182446305284263  # t quantile, 3 degrees of freedom (tables)
 
 
-def test_mean_ci_by_hand():
-    ci = mean_ci([1.0, 2.0, 3.0, 4.0])
-    sd = math.sqrt(((1.5 ** 2) * 2 + (0.5 ** 2) * 2) / 3)  # 1.2910
-    assert ci["mean"] == 2.5 and ci["n"] == 4
-    assert ci["hi"] - ci["mean"] == pytest.approx(Z95 * sd / 2)
-    assert mean_ci([5.0]) == {"mean": 5.0, "lo": 5.0, "hi": 5.0, "n": 1}
-    assert math.isnan(mean_ci([])["mean"])
+def test_clustered_mean_with_one_sample_per_message_is_the_t_interval_by_hand():
+    ci = clustered_mean([1.0, 2.0, 3.0, 4.0], ["a", "b", "c", "d"])
+    # mean 2.5, sample sd sqrt(5/3) = 1.290994, se = sd / 2 = 0.645497, half = t(0.975, 3) * se = 2.054260
+    assert ci["mean"] == pytest.approx(2.5)
+    assert ci["se"] == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert ci["lo"] == pytest.approx(2.5 - T_975_3 * 0.6454972) and ci["hi"] == pytest.approx(2.5 + T_975_3 * 0.6454972)
+    assert (ci["n"], ci["clusters"]) == (4, 4)
 
 
-def test_paired_delta():
-    d = paired_delta_ci([2.0, 3.0, 5.0], [1.0, 1.0, 2.0])  # differences 1, 2, 3
-    assert d["mean"] == 2.0 and d["lo"] == pytest.approx(2.0 - Z95 * 1.0 / math.sqrt(3))
+def test_perfectly_correlated_samples_within_a_message_give_the_one_sample_per_message_interval():
+    """Three identical samples per message carry no more information than one: the interval must not
+    shrink (an interval over rows would be sqrt(3) times narrower, and on 11 df instead of 3)."""
+    one = clustered_mean([1.0, 2.0, 3.0, 4.0], ["a", "b", "c", "d"])
+    three = clustered_mean([v for v in (1.0, 2.0, 3.0, 4.0) for _ in range(3)], [m for m in "abcd" for _ in range(3)])
+    assert (three["lo"], three["hi"], three["se"]) == pytest.approx((one["lo"], one["hi"], one["se"]), abs=1e-12)
+    assert three["n"] == 12 and three["clusters"] == 4
+    rows_as_independent = 1.959963984540054 * math.sqrt(sum((v - 2.5) ** 2 for v in [1, 2, 3, 4] * 3) / 11 / 12)
+    assert three["hi"] - three["mean"] > 2.5 * rows_as_independent  # the old interval was this much too narrow
+
+
+def test_clustered_delta_and_degenerate_cases():
+    d = clustered_delta([2.0, 3.0, 5.0, 6.0], [1.0, 1.0, 2.0, 2.0], ["m1", "m2", "m3", "m4"])  # 1, 2, 3, 4
+    assert d["mean"] == pytest.approx(2.5) and d["lo"] == pytest.approx(2.5 - T_975_3 * 0.6454972)
     with pytest.raises(ValueError):
-        paired_delta_ci([1.0], [1.0, 2.0])
+        clustered_delta([1.0], [1.0, 2.0], ["a"])
+    single = clustered_mean([5.0, 7.0], ["only", "only"])  # one message: no interval
+    assert single["mean"] == 6.0 and math.isnan(single["lo"]) and math.isnan(single["hi"])
+    assert math.isnan(clustered_mean([], [])["mean"])
+    flat = clustered_mean([1.0, 1.0, 1.0], ["a", "b", "c"])
+    assert (flat["lo"], flat["hi"]) == (1.0, 1.0)
 
 
 def test_wilson_by_hand():
@@ -30,10 +48,16 @@ def test_wilson_by_hand():
     assert wilson(0, 5)["lo"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_win_rates_count_ties_as_half():
-    soft, hard = win_rates([0.9, 0.7, 0.5, 0.2])
+def test_win_rates_count_ties_as_half_and_cluster_by_message():
+    soft, hard = win_rates([0.9, 0.7, 0.5, 0.2], ["a", "b", "c", "d"])
     assert soft["mean"] == pytest.approx(0.575)
     assert hard["wins"] == 2 and hard["ties"] == 1 and hard["p"] == pytest.approx(2.5 / 4)
+    assert (hard["lo"], hard["hi"]) == pytest.approx((wilson(2.5, 4)["lo"], wilson(2.5, 4)["hi"]))
+    # The same four outcomes, each repeated by three perfectly correlated samples: the same intervals.
+    soft3, hard3 = win_rates([p for p in (0.9, 0.7, 0.5, 0.2) for _ in range(3)], [m for m in "abcd" for _ in range(3)])
+    assert (soft3["lo"], soft3["hi"]) == pytest.approx((soft["lo"], soft["hi"]))
+    assert (hard3["p"], hard3["lo"], hard3["hi"], hard3["n"]) == pytest.approx((hard["p"], hard["lo"], hard["hi"], 4))
+    assert hard3["wins"] == 6 and hard3["samples"] == 12
 
 
 def test_summarise_pairs_samples_by_message_and_sample():
@@ -44,12 +68,17 @@ def test_summarise_pairs_samples_by_message_and_sample():
                 "reward": reward, "n_words": words, "win_prob": win}
 
     rows = [row("a", "base", 0, 1.0, 10, 0.2), row("a", "trained", 0, 2.0, 8, 0.8),
+            row("a", "base", 1, 1.0, 10, 0.2), row("a", "trained", 1, 2.0, 8, 0.8),
             row("b", "base", 0, 0.0, 4, 0.6), row("b", "trained", 0, 0.5, 6, 0.4),
+            row("b", "base", 1, 0.0, 4, 0.6), row("b", "trained", 1, 0.5, 6, 0.4),
             row("c", "base", 0, 3.0, 5, 0.5, "adversarial"), row("c", "trained", 0, 3.0, 5, 0.5, "adversarial")]
     s = summarise(rows)
     held = s["groups"]["t/held_out"]
-    assert held["n_messages"] == 2 and held["n_samples"] == 2
+    assert held["n_messages"] == 2 and held["n_samples"] == 4
     assert held["pm_delta"]["mean"] == pytest.approx((1.0 + 0.5) / 2)
+    # Two messages, two identical samples each: the interval of two values (1.0, 0.5) on 1 df.
+    assert held["pm_delta"]["hi"] - held["pm_delta"]["mean"] == pytest.approx(12.7062047 * 0.25, rel=1e-6)
     assert held["win_rate"]["mean"] == pytest.approx((0.8 + 0.4) / 2)
-    assert held["hard_win_rate"]["wins"] == 1 and held["length_change"]["mean"] == pytest.approx(0.0)
+    assert held["hard_win_rate"]["wins"] == 2 and held["length_change"]["mean"] == pytest.approx(0.0)
     assert s["overall"]["adversarial"]["hard_win_rate"]["ties"] == 1
+    assert "clustered by message" in s["interval"]

@@ -29,8 +29,22 @@ def test_synthesize_writes_messages(run_dir, make_config):
     assert all(r["message_id"] == stable_id(r["trait"], r["text"]) for r in rows)
     # every request is accounted for: kept + set aside with a reason == generated + seed questions
     rejected = out.read("rejected", schema=schemas.REJECTED).to_pylist()
-    assert len(rows) + len(rejected) == 3 * 6 + 6  # 3 traits x 6 requests + 2 seed questions each
+    # 3 traits x (6 requests + 4 adversarial ones for evaluation) + 2 seed questions each
+    assert len(rows) + len(rejected) == 3 * (6 + 4) + 6
     assert result.rows_in == len(rows) + len(rejected)
+    # One split, made here: train/held_out by the id's hash, adversarial for evaluation's own requests.
+    from character.dedupe import near_duplicates_of
+    from character.splits import assign_split
+
+    assert {r["split"] for r in rows} == {"train", "held_out", "adversarial"}
+    for r in rows:
+        assert r["split"] == ("adversarial" if r["split"] == "adversarial" else assign_split(r["message_id"], 0.2))
+    assert all(r["kind"] == "adversarial" for r in rows if r["split"] == "adversarial")
+    train = [r["text"] for r in rows if r["split"] == "train"]
+    evals = [r["text"] for r in rows if r["split"] != "train"]
+    assert near_duplicates_of(train, evals, near_threshold=0.7) == [None] * len(evals)
+    assert json.loads((run_dir / "messages" / "stats.json").read_text())["per_split"] == {
+        s: sum(r["split"] == s for r in rows) for s in ("train", "held_out", "adversarial")}
     per_trait = json.loads((run_dir / "messages" / "stats.json").read_text())["per_trait"]
     assert set(per_trait) == {"curiosity", "honesty", "ai_nature"}
     assert sum(per_trait.values()) == len(rows)
@@ -44,12 +58,14 @@ def test_synthesize_writes_messages(run_dir, make_config):
 def test_respond_writes_k_candidates(run_dir, make_config):
     config = make_config(run_dir, "respond.candidates=3")
     result = respond.run(config)
-    messages = StageOutput(str(run_dir), "messages").read()
+    messages = StageOutput(str(run_dir), "messages").read().to_pylist()
     out = StageOutput(str(run_dir), "responses")
     table = out.read()
     assert table.schema.equals(schemas.RESPONSES)
-    assert table.num_rows == messages.num_rows == result.rows_out
-    by_id = {r["message_id"]: r for r in messages.to_pylist()}
+    train = {r["message_id"] for r in messages if r["split"] == "train"}
+    assert set(table.column("message_id").to_pylist()) == train  # training messages only
+    assert table.num_rows == len(train) == result.rows_out
+    by_id = {r["message_id"]: r for r in messages}
     for row in table.to_pylist():
         assert len(row["candidates"]) == 3 and len(row["finish_reasons"]) == 3
         assert row["prompt"] == by_id[row["message_id"]]["text"]  # no constitution in the stored prompt
@@ -64,14 +80,28 @@ def test_respond_sets_aside_prompts_that_do_not_fit(tmp_path, run_dir, make_conf
     shutil.copytree(run_dir / "messages", tmp_path / "messages")
     config = make_config(tmp_path, "respond.system_prompt=constitution", "engine.max_model_len=40",
                          "respond.sampling.max_tokens=16")
-    result = respond.run(config)
+    from character.store import StageInputError
+
+    with pytest.raises(StageInputError, match=r"respond: 0 of \d+ training messages answered, every one set aside "
+                                              r"\(prompt_too_long=\d+\)"):
+        respond.run(config)
     out = StageOutput(str(tmp_path), "responses")
     rejected = out.read("rejected", schema=schemas.REJECTED).to_pylist()
-    messages = StageOutput(str(tmp_path), "messages").read()
-    assert len(rejected) == messages.num_rows and out.part_files() == []  # nothing lost, nothing crashed
+    messages = StageOutput(str(tmp_path), "messages").read().to_pylist()
+    assert len(rejected) == sum(r["split"] == "train" for r in messages) and out.part_files() == []  # nothing lost
     assert all(r["reason"] == "prompt_too_long" and "max_model_len 40" in r["detail"] for r in rejected)
-    assert result.drops["prompt_too_long"] == len(rejected)
-    assert out.complete()
+    assert not out.complete()  # nothing for rank: no _SUCCESS, so `character run` stops here, saying why
+
+
+def test_synthesize_that_keeps_nothing_fails_naming_the_reasons_and_keeps_the_rejected(tmp_path, make_config):
+    from character.store import StageInputError
+
+    config = make_config(tmp_path, "synthesize.messages_per_trait=2", "synthesize.min_chars=590",
+                         "synthesize.include_seed_questions=false", "evaluate.adversarial_per_trait=0")
+    with pytest.raises(StageInputError, match=r"synthesize: 0 training messages; kept 0 of 6 \((empty=\d, )?too_short=\d\)"):
+        synthesize.run(config)
+    out = StageOutput(str(tmp_path), "messages")
+    assert not out.complete() and len(out.read("rejected", schema=schemas.REJECTED)) == 6
 
 
 def test_rank_self_ranking_writes_soft_labelled_pairs(run_dir, make_config):

@@ -241,3 +241,38 @@ def test_character_run_skips_complete_stages_and_redoes_after_a_deleted_one(subm
     assert "stages run: evaluate, report" in redo.stdout
     assert {s: committed(s) for s in before} == before
     assert {"eval/_SUCCESS", "eval/summary.json", "report/_SUCCESS"} <= _bucket_files(run_uri)
+
+
+def test_the_evaluation_is_held_out_from_every_training_input(submitted_run, make_config):
+    """eval/ holds held-out and adversarial messages only; none of them, nor a near-copy of one, is in any
+    training stage's input (responses, comparisons, pairs the PM saw, PPO's prompts and validation)."""
+    from character.dedupe import near_duplicates_of
+    from character.splits import ppo_messages
+    from character.store import StageOutput
+
+    _, run_dir = submitted_run
+    config = make_config(run_dir, *SMALL)
+    messages = StageOutput(str(run_dir), "messages").read().to_pylist()
+    split = {m["message_id"]: m["split"] for m in messages}
+    text = {m["message_id"]: m["text"] for m in messages}
+    evaluated = set(StageOutput(str(run_dir), "eval").read(columns=["message_id"]).column("message_id").to_pylist())
+    assert {split[m] for m in evaluated} == {"held_out", "adversarial"}
+
+    def ids(stage, *sub):
+        return set(StageOutput(str(run_dir), stage).read(*sub, columns=["message_id"]).column("message_id").to_pylist())
+
+    pairs = StageOutput(str(run_dir), "preferences").read().num_rows
+    pm = json.loads((run_dir / "pm" / "metrics.json").read_text())
+    assert pm["train_pairs"] + pm["eval_pairs_total"] == pairs  # the PM saw exactly rank's pairs
+    ppo_train, ppo_validation = ppo_messages(config)
+    trained_on = (ids("responses") | ids("preferences") | ids("preferences", "comparisons")
+                  | {r["message_id"] for r in ppo_train + ppo_validation})
+    assert ids("preferences") and ppo_train and ppo_validation
+    assert {split[m] for m in trained_on} == {"train"}
+    assert not trained_on & evaluated
+    evaluated = sorted(evaluated)
+    assert near_duplicates_of([text[m] for m in sorted(trained_on)], [text[m] for m in evaluated],
+                              near_threshold=config.synthesize.near_duplicate_threshold) == [None] * len(evaluated)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert sum(g["n_messages"] for g in summary["overall"].values()) == len(evaluated)
+    assert "clustered by message" in summary["interval"]

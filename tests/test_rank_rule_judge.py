@@ -53,3 +53,43 @@ def test_rule_judge_pairs_follow_the_rule_end_to_end(tmp_path, make_config, ray_
     again = out.read().to_pylist()
     assert sorted(p["pair_id"] for p in again) == sorted(p["pair_id"] for p in pairs)
     assert len({p["pair_id"] for p in again}) == len(again)
+
+
+def test_a_truncated_committed_part_is_quarantined_and_its_rows_made_again(tmp_path, make_config, ray_local):
+    """A part cut short after its commit (disk full, a bad copy): the rerun moves it and the other parts of its
+    batch to preferences/_quarantine/, ranks those messages again, and ends with every pair exactly once."""
+    _responses(tmp_path)
+    config = make_config(tmp_path, "judge.kind=rule", "judge.rule.type=keywords", "judge.rule.words=[curious]",
+                         "rank.tie_margin=0.01", "engine.batch_size=3")
+    rank.run(config)
+    out = StageOutput(str(tmp_path), "preferences")
+    pairs = sorted(p["pair_id"] for p in out.read().to_pylist())
+    (tmp_path / "preferences" / "_SUCCESS").unlink()
+    victim = out.part_files()[0]
+    with open(victim, "r+b") as f:
+        f.truncate(64)
+    rank.run(config)
+    assert out.complete()
+    again = sorted(p["pair_id"] for p in out.read().to_pylist())
+    assert again == pairs  # every pair exactly once
+    quarantined = tmp_path / "preferences" / "_quarantine"
+    name = victim.rsplit("/", 1)[1]
+    assert (quarantined / name).is_file() and (quarantined / "_work" / name).is_file()  # with its commit record
+    assert name in out.read_text("_quarantine/log.jsonl")
+
+
+def test_rank_with_no_decided_pair_fails_and_keeps_what_it_set_aside(tmp_path, make_config, ray_local):
+    from character.store import StageInputError
+
+    rows = [{"message_id": f"m{m}", "trait": "curiosity", "kind": "values", "prompt": f"message {m}",
+             "candidates": ["same", "same", "", "same"], "finish_reasons": ["stop"] * 4, "system_prompt": "trait",
+             "temperature": 1.0, "top_p": 1.0, "max_tokens": 16, "seed": m} for m in range(3)]
+    out = StageOutput(str(tmp_path), "responses")
+    out.write_part(pa.Table.from_pylist(rows, schema=schemas.RESPONSES), key="hand")
+    out.mark_success({"rows_out": 3})
+    config = make_config(tmp_path, "judge.kind=rule", "judge.rule.type=keywords", "judge.rule.words=[curious]")
+    with pytest.raises(StageInputError, match=r"rank: 0 preference pairs from 3 answered messages "
+                                              r"\(empty_candidate=3, identical_candidate=6\)"):
+        rank.run(config)
+    prefs = StageOutput(str(tmp_path), "preferences")
+    assert not prefs.complete() and prefs.read("rejected", schema=schemas.REJECTED).num_rows == 9

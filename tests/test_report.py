@@ -83,7 +83,7 @@ def make_run(tmp_path, *, ppo=True, evaluation=True):
                   for k, (trait, split) in enumerate((t, s) for t in TRAITS for s in figures.SPLITS)}
         groups["curiosity/held_out"]["pm_delta"]["hi"] = None  # a missing number renders as n/a
         ev.write_json("summary.json", {"base_model": "tiny-llama", "trained_model": "policy", "judge": "model:pm",
-                                       "samples": 2, "groups": groups,
+                                       "samples": 2, "groups": groups, "interval": "clustered by message: a <test> method",
                                        "overall": {s: _group(None, s, 1) for s in figures.SPLITS}})
         ev.mark_success({"rows_out": len(rows)})
     if ppo:
@@ -137,6 +137,7 @@ def test_report_page(tmp_path):
             "transcripts", "summary"} <= set(page.sections)
     assert "script" not in page.tags and "<script>" not in text and "&lt;script&gt;" in text
     assert "not available" not in text
+    assert "Intervals ([lo, hi] in the figures): clustered by message: a &lt;test&gt; method." in text
     # Every table cell equals summary.json rounded to 4 decimals; every group and field is there.
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     rows = {**summary["groups"], **{f"overall/{s}": g for s, g in summary["overall"].items()}}

@@ -48,7 +48,7 @@ def test_synthesize_killed_midway_resumes_exactly_once(tmp_path, repo):
     assert not out.complete()
     first = out.read("_work", schema=schemas.RAW_MESSAGES)
     first_texts = dict(zip(first.column("request_id").to_pylist(), first.column("raw_text").to_pylist()))
-    assert 0 < len(first_texts) < 3 * 150 + 6  # interrupted midway: some but not all requests done
+    assert 0 < len(first_texts) < 3 * (150 + 4) + 6  # interrupted midway (4 adversarial requests per trait for evaluation)
 
     second = subprocess.run(_stage_cmd(repo, tmp_path), cwd=repo, env=env, capture_output=True, text=True,
                             timeout=600)
@@ -57,7 +57,7 @@ def test_synthesize_killed_midway_resumes_exactly_once(tmp_path, repo):
     kept = out.read().to_pylist()
     rejected = out.read("rejected", schema=schemas.REJECTED).to_pylist()
     request_ids = [r["request_id"] for r in kept] + [r["row_id"] for r in rejected]
-    assert len(request_ids) == len(set(request_ids)) == 3 * 150 + 6  # every request exactly once
+    assert len(request_ids) == len(set(request_ids)) == 3 * (150 + 4) + 6  # every request exactly once
     message_ids = [r["message_id"] for r in kept]
     assert len(message_ids) == len(set(message_ids))
     final = out.read("_work", schema=schemas.RAW_MESSAGES)

@@ -42,7 +42,8 @@ def _pm(run_dir, make_config, *overrides):
 def test_learns_the_rule_and_exports_a_loadable_model(tmp_path, preferences, make_config):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from character.pm_data import encode_response, is_held_out, pad_batch
+    from character.pm_data import encode_response, pad_batch
+    from character.splits import pm_validation
     from character import schemas
 
     run_dir = _run_dir(tmp_path, preferences)
@@ -57,7 +58,7 @@ def test_learns_the_rule_and_exports_a_loadable_model(tmp_path, preferences, mak
     tok = AutoTokenizer.from_pretrained(run_dir / "pm")
     assert (run_dir / "pm" / "model.safetensors").is_file() and model.config.num_labels == 1
     held = [r for r in StageOutput(str(run_dir), "preferences").read(schema=schemas.PREFERENCES).to_pylist()
-            if is_held_out(r["message_id"], 0.2, 0)]
+            if pm_validation(r["message_id"], 0.2)]
     with torch.no_grad():
         rewards = {}
         for side in ("chosen", "rejected"):

@@ -1,9 +1,11 @@
 """Stage `evaluate`: how each trait changed the model's behaviour, base vs trained.
 
-On held-out messages (never trained on) and on adversarial ones synthesised for evaluation (pushing the
-model off its character), both models answer with the same sampling settings and seeds; every response
+On the held-out messages (never trained on, nor any near-copy of them) and the adversarial ones
+synthesised for evaluation (pushing the model off its character), both from messages/ where `synthesize`
+split them (character/splits.py), both models answer with the same sampling settings and seeds; every response
 gets the preference model's score, and each trained/base pair of the same sample is judged in both
-orders. Output: eval/part-*.parquet (message x model x sample) and eval/summary.json per trait and split.
+orders. Output: eval/part-*.parquet (message x model x sample) and eval/summary.json per trait and split,
+with intervals clustered by message (character/evalstats.py).
 """
 from __future__ import annotations
 
@@ -13,32 +15,16 @@ from collections import defaultdict
 import pyarrow as pa
 
 from character import schemas
-from character.config import Config
+from character.config import Config, check_stage_config
 from character.prompts import character_system_prompt
-from character.runtime import StageResult, Timer, consume_counts, init_ray, skip_or_reset, write_resolved_config
+from character.runtime import (StageInputError, StageResult, Timer, consume_counts, init_ray, skip_or_reset,
+                               upstream_cause, write_resolved_config)
+from character.splits import evaluation_messages
 from character.store import StageOutput, require_complete, seed_from_id
 from character.traits import Constitution, load_constitution
 
 STAGE = "eval"
-ADVERSARIAL = "eval_messages"
 _WORD = re.compile(r"\w+")
-
-
-def eval_prompts(config: Config) -> list[dict]:
-    from character.splits import message_split
-
-    _, held = message_split(config)
-    per_trait: dict[str, int] = defaultdict(int)
-    rows = []
-    for r in held:
-        if per_trait[r["trait"]] < config.evaluate.max_messages_per_trait:
-            per_trait[r["trait"]] += 1
-            rows.append({**r, "split": "held_out"})
-    adversarial = StageOutput(config.run.output_dir, ADVERSARIAL)
-    if adversarial.complete() and adversarial.part_files():
-        for r in adversarial.read(schema=schemas.MESSAGES, columns=["message_id", "trait", "text"]).to_pylist():
-            rows.append({**r, "split": "adversarial"})
-    return rows
 
 
 def _with_chat(batch: pa.Table, seed: int) -> pa.Table:
@@ -108,28 +94,31 @@ class EvalWorker:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per trait/split and overall per split: PM scores, paired score shift, win rates, lengths."""
-    from character.evalstats import mean_ci, paired_delta_ci, win_rates
+    """Per trait/split and overall per split: PM scores, paired score shift, win rates, lengths, each with
+    an interval clustered by message (the samples of one message are not independent)."""
+    from character.evalstats import METHOD, clustered_delta, clustered_mean, win_rates
 
     def block(subset: list[dict]) -> dict:
         pairs = defaultdict(dict)
         for r in subset:
             pairs[(r["message_id"], r["sample"])][r["model"]] = r
         both = [p for p in pairs.values() if "base" in p and "trained" in p]
+        ids = [p["base"]["message_id"] for p in both]
         base_r, trained_r = [p["base"]["reward"] for p in both], [p["trained"]["reward"] for p in both]
         base_l, trained_l = [p["base"]["n_words"] for p in both], [p["trained"]["n_words"] for p in both]
-        soft, hard = win_rates([p["trained"]["win_prob"] for p in both])
-        return {"n_messages": len({p["base"]["message_id"] for p in both}), "n_samples": len(both),
-                "pm_base": mean_ci(base_r), "pm_trained": mean_ci(trained_r),
-                "pm_delta": paired_delta_ci(trained_r, base_r), "win_rate": soft, "hard_win_rate": hard,
-                "length_base": mean_ci(base_l), "length_trained": mean_ci(trained_l),
-                "length_change": paired_delta_ci(trained_l, base_l)}
+        soft, hard = win_rates([p["trained"]["win_prob"] for p in both], ids)
+        return {"n_messages": len(set(ids)), "n_samples": len(both),
+                "pm_base": clustered_mean(base_r, ids), "pm_trained": clustered_mean(trained_r, ids),
+                "pm_delta": clustered_delta(trained_r, base_r, ids), "win_rate": soft, "hard_win_rate": hard,
+                "length_base": clustered_mean(base_l, ids), "length_trained": clustered_mean(trained_l, ids),
+                "length_change": clustered_delta(trained_l, base_l, ids)}
 
     groups, splits = defaultdict(list), defaultdict(list)
     for r in rows:
         groups[(r["trait"], r["split"])].append(r)
         splits[r["split"]].append(r)
     return {
+        "interval": METHOD,
         "groups": {f"{t}/{s}": {"trait": t, "split": s, **block(g)} for (t, s), g in sorted(groups.items())},
         "overall": {s: {"split": s, **block(g)} for s, g in sorted(splits.items())},
     }
@@ -137,27 +126,26 @@ def summarise(rows: list[dict]) -> dict:
 
 def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
-    if force:
-        StageOutput(config.run.output_dir, ADVERSARIAL).reset()
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
+    check_stage_config(config, "evaluate")
     for needed in ("messages", "pm", "policy"):
         require_complete(StageOutput(config.run.output_dir, needed), "evaluate")
+    prompts = evaluation_messages(config)
+    if not prompts:
+        raise StageInputError(f"evaluate: 0 held-out or adversarial messages to evaluate on; "
+                              f"{upstream_cause(StageOutput(config.run.output_dir, 'messages'))}")
     constitution = load_constitution(config.traits.path, config.traits.only)
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data
 
     from character.engine import ChatGenerator, engine_sized_blocks, generation_pool_args, judge_pool_args
-    from character.synthesis import synthesize_messages
 
     cfg = config.evaluate
     result = StageResult(STAGE, out.uri)
     with Timer() as timer:
-        if cfg.adversarial_per_trait:
-            synthesize_messages(config, stage=ADVERSARIAL, kinds=["adversarial"], per_trait=cfg.adversarial_per_trait,
-                           seed_questions=False)
-        prompts = eval_prompts(config)
+        prompts = [{k: r[k] for k in ("message_id", "trait", "text", "split")} for r in prompts]
         models = {"base": config.model.name, "trained": StageOutput(config.run.output_dir, "policy").path()}
         for label, model in models.items():
             done = out.ids("message_id", "_work", label)

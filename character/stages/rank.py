@@ -14,14 +14,14 @@ from collections import Counter
 import pyarrow as pa
 
 from character import schemas
-from character.config import Config, RankConfig
+from character.config import Config, RankConfig, check_stage_config
 from character.engine import engine_sized_blocks, judge_pool_args
 from character.judge import Comparison, build_judge, judge_name
 from character.prompts import character_system_prompt
 from character.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
                                mean_win_scores, soft_label)
-from character.runtime import StageResult, Timer, batch_key, consume_counts, init_ray, skip_or_reset, without_done
-from character.runtime import write_resolved_config
+from character.runtime import (StageInputError, StageResult, Timer, batch_key, consume_counts, format_counts, init_ray,
+                               skip_or_reset, upstream_cause, without_done, write_resolved_config)
 from character.store import StageOutput, require_complete, stable_id
 from character.traits import Constitution, load_constitution
 
@@ -151,7 +151,10 @@ def run(config: Config, force: bool = False) -> StageResult:
     responses = StageOutput(config.run.output_dir, "responses")
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
+    check_stage_config(config, "rank")
     require_complete(responses, "rank")
+    if not responses.part_files():
+        raise StageInputError(f"rank: 0 responses to rank; {upstream_cause(responses)}")
     constitution = load_constitution(config.traits.path, config.traits.only)
     write_resolved_config(config)
     init_ray(config.ray)
@@ -181,8 +184,13 @@ def run(config: Config, force: bool = False) -> StageResult:
     result.drops = Counter(stats["drops"])
     result.extra = {"judge": judge_name(config), **stats}
     out.write_json("stats.json", result.summary())
-    out.mark_success(result.summary())
     print(format_stats(stats), flush=True)
+    if not result.rows_out:
+        drops = format_counts(result.drops, "no comparisons")
+        raise StageInputError(f"rank: 0 preference pairs from {result.rows_in} answered messages ({drops}); see "
+                              f"{out.path('rejected')}/ and rerun with --force after adjusting rank settings "
+                              f"(e.g. rank.tie_margin) or respond.candidates")
+    out.mark_success(result.summary())
     return result
 
 

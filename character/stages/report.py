@@ -63,7 +63,10 @@ def summary_table_html(summary: dict) -> str:
     for key, g in rows:
         cells = "".join(f'<td data-key="{html.escape(f"{key}.{f}")}">{fmt(dig(g, f))}</td>' for f in TABLE_FIELDS)
         body.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(g.get('n_messages', '')))}</td>{cells}</tr>")
-    return f'<table id="summary-table"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    method = (f'<p id="interval-method">Intervals ([lo, hi] in the figures): {html.escape(summary["interval"])}.</p>'
+              if summary.get("interval") else "")
+    return (f'{method}<table id="summary-table"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            f'</table>')
 
 
 def transcripts_html(rows: list[dict], n: int = 2) -> str:

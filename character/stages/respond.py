@@ -1,16 +1,19 @@
 """Stage `respond`: shown its trait (or the whole constitution), the model samples K candidate
-responses per message. Rows stream from messages/ through vLLM actors into responses/, keyed by
-message_id; an interrupted run resumes with the messages not yet answered."""
+responses per training message (the `train` split only: evaluation's messages are never answered here).
+Rows stream from messages/ through vLLM actors into responses/, keyed by message_id; an interrupted run
+resumes with the messages not yet answered."""
 from __future__ import annotations
 
 import pyarrow as pa
 
 from character import schemas
-from character.config import Config
+from character.config import Config, check_stage_config
 from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
 from character.prompts import character_system_prompt
-from character.runtime import (StageResult, Timer, committed_counts, consume_counts, init_ray, skip_or_reset, without_done,
-                               write_resolved_config, write_split)
+from character.runtime import (StageInputError, StageResult, Timer, committed_counts, consume_counts, format_counts,
+                               init_ray, keep_split, skip_or_reset, upstream_cause, without_done, write_resolved_config,
+                               write_split)
+from character.splits import TRAIN
 from character.store import StageOutput, require_complete, seed_from_id
 from character.traits import Constitution, load_constitution
 
@@ -56,7 +59,13 @@ def run(config: Config, force: bool = False) -> StageResult:
     messages = StageOutput(config.run.output_dir, "messages")
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
+    check_stage_config(config, "respond")
     require_complete(messages, "respond")
+    splits = messages.read(schema=schemas.MESSAGES, columns=["split"]).column("split").to_pylist()
+    total = splits.count(TRAIN)
+    if not total:
+        raise StageInputError(f"respond: 0 messages to answer; {upstream_cause(messages)}, none of them in the "
+                              f"'{TRAIN}' split ({len(splits)} held out or adversarial)")
     constitution = load_constitution(config.traits.path, config.traits.only)
     write_resolved_config(config)
     init_ray(config.ray)
@@ -67,10 +76,10 @@ def run(config: Config, force: bool = False) -> StageResult:
     result = StageResult(STAGE, out.uri)
     with Timer() as timer:
         done = sorted(out.ids("message_id") | out.ids("row_id", "rejected"))
-        total = messages.success_info().get("rows_out")
         ds = (
             engine_sized_blocks(
                 ray.data.read_parquet(messages.part_files(), schema=schemas.MESSAGES, filesystem=messages._fs()[0])
+                .map_batches(keep_split, fn_kwargs=dict(split=TRAIN), batch_format="pyarrow")
                 .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
                 .map_batches(add_prompts, fn_kwargs=dict(constitution_json=constitution.model_dump_json(),
                                                          mode=cfg.system_prompt, seed=config.run.seed),
@@ -84,11 +93,15 @@ def run(config: Config, force: bool = False) -> StageResult:
                 **generation_pool_args(config.engine))
         )
         result.rows_in, result.rows_out, result.drops, tokens = consume_counts(
-            ds, "respond", None if total is None else total - len(done))
+            ds, "respond", max(total - len(done), 0))
     result.seconds = timer.seconds
     result.rows_in += len(done)
     result.rows_out, result.drops = committed_counts(out, "message_id")
     result.extra = {"candidates_per_message": cfg.candidates, "new_tokens_this_run": tokens}
     out.write_json("stats.json", result.summary())
+    if not result.rows_out:
+        drops = format_counts(result.drops)
+        raise StageInputError(f"respond: 0 of {total} training messages answered, every one set aside ({drops}); "
+                              f"see {out.path('rejected')}/ and rerun with --force after adjusting engine.max_model_len or respond settings")
     out.mark_success(result.summary())
     return result

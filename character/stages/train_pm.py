@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 
 from character import schemas
-from character.config import Config
+from character.config import Config, check_stage_config
 from character.runtime import StageResult, Timer, init_ray, skip_or_reset, write_resolved_config
 from character.store import StageOutput, require_complete
 
@@ -51,14 +51,36 @@ def pm_metrics(r_chosen: list[float], r_rejected: list[float], p: list[float], t
     }
 
 
-def _load_pairs(output_dir: str, eval_fraction: float, seed: int):
-    from character.pm_data import is_held_out, validate_pairs
+def _load_pairs(output_dir: str, eval_fraction: float):
+    """Training and validation pairs, both from the `train` split's messages (rank only ever sees those),
+    divided by message (character/splits.py); unusable pairs set aside with a reason."""
+    from character.pm_data import validate_pairs
+    from character.splits import pm_validation
 
     rows = StageOutput(output_dir, "preferences").read(schema=schemas.PREFERENCES).to_pylist()
     good, bad = validate_pairs(rows)
-    train = [r for r in good if not is_held_out(r["message_id"], eval_fraction, seed)]
-    held = [r for r in good if is_held_out(r["message_id"], eval_fraction, seed)]
+    train = [r for r in good if not pm_validation(r["message_id"], eval_fraction)]
+    held = [r for r in good if pm_validation(r["message_id"], eval_fraction)]
     return train, held, bad
+
+
+def check_pairs(train: list[dict], held: list[dict], bad: list[dict], preferences: StageOutput,
+                eval_fraction: float) -> None:
+    """Enough pairs to train and to validate on, checked before Ray starts, naming the upstream cause."""
+    from collections import Counter
+
+    from character.runtime import StageInputError, format_counts, upstream_cause
+
+    unusable = format_counts(Counter(r["reason"] for r in bad), "")
+    if not train and not held:
+        raise StageInputError(f"train-pm: 0 usable preference pairs; {upstream_cause(preferences)}"
+                              + (f"; unusable pairs: {unusable}" if unusable else ""))
+    if not train or not held:
+        messages = len({r["message_id"] for r in train + held})
+        raise StageInputError(
+            f"train-pm: {len(train) + len(held)} pairs from {messages} messages split (by message, pm.eval_fraction="
+            f"{eval_fraction}) into {len(train)} training and {len(held)} validation pairs: each side needs at least "
+            f"one; synthesize more messages (synthesize.messages_per_trait) or change pm.eval_fraction")
 
 
 def _rewards(engine, tokenizer, rows, side: str, max_length: int):
@@ -115,7 +137,7 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(seed)
     base = cfg.base_model or config.model.name
     tokenizer = load_tokenizer(base)
-    train, held, _ = _load_pairs(config.run.output_dir, cfg.eval_fraction, seed)
+    train, held, _ = _load_pairs(config.run.output_dir, cfg.eval_fraction)
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
     model = build_under_zero(lambda: AutoModelForSequenceClassification.from_pretrained(
         resolve_model(base), num_labels=1, pad_token_id=tokenizer.pad_token_id,
@@ -199,11 +221,11 @@ def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
-    require_complete(StageOutput(config.run.output_dir, "preferences"), "train-pm")
-    train, held, bad = _load_pairs(config.run.output_dir, config.pm.eval_fraction, config.run.seed)
-    if not held or not train:
-        raise ValueError(f"pm.eval_fraction={config.pm.eval_fraction} left {len(train)} training and {len(held)} "
-                         f"held-out pairs: both need at least one")
+    check_stage_config(config, "train-pm")
+    preferences = StageOutput(config.run.output_dir, "preferences")
+    require_complete(preferences, "train-pm")
+    train, held, bad = _load_pairs(config.run.output_dir, config.pm.eval_fraction)
+    check_pairs(train, held, bad, preferences, config.pm.eval_fraction)
     from character.train_common import check_resume_settings, trainer_for
 
     check_resume_settings(config, STAGE)

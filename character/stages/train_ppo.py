@@ -16,7 +16,7 @@ STAGE = "policy"
 def run(config: Config, force: bool = False) -> StageResult:
     from character.config import check_stage_config
     from character.ppo_trainer import read_metrics
-    from character.splits import message_split
+    from character.splits import ppo_messages
     from character.runtime import reset_train_state
     from character.train_common import check_resume_settings
 
@@ -28,13 +28,19 @@ def run(config: Config, force: bool = False) -> StageResult:
         # deleted output: resuming them would skip the iterations whose history is gone. Start afresh.
         reset_train_state(out)
     check_stage_config(config, "train-ppo")
-    require_complete(StageOutput(config.run.output_dir, "messages"), "train-ppo")
+    messages = StageOutput(config.run.output_dir, "messages")
+    require_complete(messages, "train-ppo")
     if "pm" in (config.ppo.reward, config.ppo.critic_init):
         require_complete(StageOutput(config.run.output_dir, "pm"), "train-ppo")
-    train, held = message_split(config)
+    train, held = ppo_messages(config)
     if len(train) < config.ppo.prompts_per_iteration or not held:
-        raise ValueError(f"train-ppo needs >= {config.ppo.prompts_per_iteration} training and >= 1 held-out "
-                         f"messages; have {len(train)} and {len(held)}")
+        from character.runtime import StageInputError, upstream_cause
+
+        raise StageInputError(
+            f"train-ppo: needs >= {config.ppo.prompts_per_iteration} training prompts (ppo.prompts_per_iteration) and "
+            f">= 1 validation prompt, carved by message from the 'train' split (ppo.eval_fraction="
+            f"{config.ppo.eval_fraction}); has {len(train)} and {len(held)}; {upstream_cause(messages)} "
+            f"(per split: {messages.read_json('stats.json').get('per_split')})")
     check_resume_settings(config, STAGE)
     write_resolved_config(config)
     init_ray(config.ray)

@@ -1,0 +1,113 @@
+"""Inputs that leave a stage nothing (or too little) to do fail before Ray starts, naming the stage and
+the upstream cause, write no _SUCCESS and lose nothing already written (no model, no Ray: fast)."""
+import pyarrow as pa
+import pytest
+
+from character import schemas
+from character.store import StageInputError, StageOutput, stable_id
+
+RULE = ["ppo.reward=rule", "ppo.critic_init=policy", "judge.rule.words=[curious]"]
+
+
+def _no_ray(monkeypatch, *modules):
+    def refuse(*_):
+        raise AssertionError("Ray was started: the check must come before it")
+    for module in modules:
+        monkeypatch.setattr(module, "init_ray", refuse)
+
+
+def _messages(root, splits: list[str], success: dict | None = None) -> StageOutput:
+    rows = [{"message_id": stable_id("curiosity", f"m{i}"), "trait": "curiosity", "kind": "values",
+             "text": f"Why is message {i} interesting?", "request_id": f"r{i}", "split": s}
+            for i, s in enumerate(splits)]
+    out = StageOutput(str(root), "messages")
+    if rows:
+        out.write_part(pa.Table.from_pylist(rows, schema=schemas.MESSAGES), key="hand")
+    info = success or {"stage": "messages", "rows_in": 40, "rows_out": len(rows), "drops": {}}
+    out.write_json("stats.json", {**info, "per_split": {s: splits.count(s) for s in ("train", "held_out", "adversarial")}})
+    out.mark_success(info)
+    return out
+
+
+def test_respond_with_no_training_message_names_what_synthesize_kept(tmp_path, make_config, monkeypatch):
+    from character.stages import respond
+
+    _no_ray(monkeypatch, respond)
+    _messages(tmp_path, ["held_out", "adversarial"],
+              {"stage": "messages", "rows_in": 40, "rows_out": 2, "drops": {"too_short": 29, "empty": 9}})
+    with pytest.raises(StageInputError, match=r"respond: 0 messages to answer; synthesize kept 2 of 40 "
+                                              r"\(empty=9, too_short=29\), none of them in the 'train' split"):
+        respond.run(make_config(tmp_path))
+    assert not StageOutput(str(tmp_path), "responses").complete()
+    assert StageOutput(str(tmp_path), "messages").read().num_rows == 2  # nothing lost
+
+
+def _preferences(root, pairs: list[dict], info: dict) -> None:
+    out = StageOutput(str(root), "preferences")
+    if pairs:
+        out.write_part(pa.Table.from_pylist(pairs, schema=schemas.PREFERENCES), key="hand")
+    out.mark_success(info)
+
+
+def _pair(message: str, k: int) -> dict:
+    return {"pair_id": f"{message}-{k}", "message_id": message, "trait": "curiosity", "prompt": "Why?",
+            "chosen": "Because it is curious.", "rejected": "No.", "p_chosen": 0.8, "p_ab": 0.8, "p_ba": 0.2,
+            "judge": "rule:keywords", "chosen_score": 1.0, "rejected_score": 0.0}
+
+
+def test_train_pm_with_zero_or_too_few_pairs_fails_before_ray(tmp_path, make_config, monkeypatch):
+    from character.splits import pm_validation
+    from character.stages import train_pm
+
+    _no_ray(monkeypatch, train_pm)
+    _preferences(tmp_path, [], {"stage": "preferences", "rows_in": 5, "rows_out": 0, "drops": {"tie": 30}})
+    config = make_config(tmp_path)
+    with pytest.raises(StageInputError, match=r"train-pm: 0 usable preference pairs; rank kept 0 of 5 \(tie=30\)"):
+        train_pm.run(config)
+    # Three pairs of one message: all on one side of the validation carve-out, the other side empty.
+    StageOutput(str(tmp_path), "preferences").reset()
+    message = "m-one"
+    _preferences(tmp_path, [_pair(message, k) for k in range(3)], {"stage": "preferences", "rows_in": 1, "rows_out": 3})
+    side = "validation" if pm_validation(message, config.pm.eval_fraction) else "training"
+    with pytest.raises(StageInputError, match=r"train-pm: 3 pairs from 1 messages split .* into "
+                                              + (r"0 training and 3 validation" if side == "validation"
+                                                 else r"3 training and 0 validation")):
+        train_pm.run(config)
+    assert not StageOutput(str(tmp_path), "pm").complete()
+
+
+def test_train_ppo_with_too_few_training_prompts_fails_before_ray(tmp_path, make_config, monkeypatch):
+    from character.stages import train_ppo
+
+    _no_ray(monkeypatch, train_ppo)
+    _messages(tmp_path, ["train"] * 5 + ["held_out"] * 3)
+    with pytest.raises(StageInputError, match=r"train-ppo: needs >= 16 training prompts .* has \d and \d; "
+                                              r"synthesize kept 8 of 40 .*'train': 5"):
+        train_ppo.run(make_config(tmp_path, *RULE))
+    assert not StageOutput(str(tmp_path), "policy").complete()
+
+
+def test_evaluate_with_no_held_out_or_adversarial_message_fails_before_ray(tmp_path, make_config, monkeypatch):
+    from character.stages import evaluate
+
+    _no_ray(monkeypatch, evaluate)
+    _messages(tmp_path, ["train"] * 4)
+    for stage in ("pm", "policy"):
+        StageOutput(str(tmp_path), stage).mark_success({})
+    with pytest.raises(StageInputError, match=r"evaluate: 0 held-out or adversarial messages to evaluate on; "
+                                              r"synthesize kept 4 of 40"):
+        evaluate.run(make_config(tmp_path))
+    assert not StageOutput(str(tmp_path), "eval").complete()
+
+
+def test_an_unreadable_upstream_part_names_the_file_before_ray(tmp_path, make_config, monkeypatch):
+    from character.stages import respond
+
+    _no_ray(monkeypatch, respond)
+    messages = _messages(tmp_path, ["train", "held_out"])
+    part = messages.part_files()[0]
+    with open(part, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(StageInputError, match=r"respond: .*messages/part-hand.parquet cannot be read .*Delete "
+                                              r".*messages/_SUCCESS and rerun"):
+        respond.run(make_config(tmp_path))
