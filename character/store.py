@@ -131,13 +131,17 @@ class StageOutput:
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
                       and i.base_name.endswith(".parquet") and not i.path[len(root):].lstrip("/").startswith(QUARANTINE))
 
-    def part_problem(self, path: str, footer_only: bool = False) -> str | None:
+    def part_problem(self, path: str, footer_only: bool = False, columns: list[str] | None = None) -> str | None:
         """Why a part cannot be read (None: it can). Whole parts are read batch by batch (memory stays
-        bounded); `footer_only` reads just the metadata, which a truncated file has lost."""
+        bounded); `footer_only` reads just the metadata, which a truncated file has lost; `columns` must all
+        be in the part's schema (a part written by an older version may lack one)."""
         fs, _ = self._fs()
         try:
             with fs.open_input_file(path) as f:
                 parquet = pq.ParquetFile(f)
+                missing = [c for c in columns or [] if c not in parquet.schema_arrow.names]
+                if missing:
+                    return f"no column {', '.join(missing)} (written by an older version of character?)"
                 if not footer_only:
                     for _ in parquet.iter_batches(batch_size=65536):
                         pass
@@ -241,20 +245,27 @@ class StageOutput:
         self.write_json(SUCCESS, {"finished_at": time.time(), **summary})
 
 
-def require_complete(output: StageOutput, needed_by: str) -> None:
-    """The upstream output is complete and each of its parts has a readable footer (a cheap check; a part
-    cut short loses its footer), else an error naming the file and the way out."""
+def require_complete(output: StageOutput, needed_by: str, schema: pa.Schema | None = None) -> None:
+    """The upstream output is complete and each of its top-level parts has a readable footer (a cheap
+    check; a part cut short loses its footer) with `schema`'s columns, else an error naming the file and
+    the way out."""
     if not output.complete():
         raise FileNotFoundError(
             f"{needed_by} needs the '{output.stage}' output at {output.uri}, which has no {SUCCESS}: "
             f"run that stage first"
         )
+    root = output._fs()[1].rstrip("/")
     for path in output.all_part_files():
-        if (why := output.part_problem(path, footer_only=True)) is not None:
-            raise StageInputError(
-                f"{needed_by}: {path} cannot be read ({why}). Delete {output.path(SUCCESS)} and rerun the stage "
-                f"that writes '{output.stage}': it moves the part to {output.path(QUARANTINE)}/ and makes its rows "
-                f"again")
+        columns = schema.names if schema is not None and posixpath.dirname(path).rstrip("/") == root else None
+        if (why := output.part_problem(path, footer_only=True, columns=columns)) is None:
+            continue
+        if why.startswith("no column"):
+            raise StageInputError(f"{needed_by}: {path} has {why}: redo the stage that writes '{output.stage}' "
+                                  f"with --force (and the stages after it)")
+        raise StageInputError(
+            f"{needed_by}: {path} cannot be read ({why}). Delete {output.path(SUCCESS)} and rerun the stage "
+            f"that writes '{output.stage}': it moves the part to {output.path(QUARANTINE)}/ and makes its rows "
+            f"again")
 
 
 def is_remote(uri: str) -> bool:

@@ -111,3 +111,18 @@ def test_an_unreadable_upstream_part_names_the_file_before_ray(tmp_path, make_co
     with pytest.raises(StageInputError, match=r"respond: .*messages/part-hand.parquet cannot be read .*Delete "
                                               r".*messages/_SUCCESS and rerun"):
         respond.run(make_config(tmp_path))
+
+
+def test_messages_from_an_older_version_without_a_split_name_the_file_and_the_fix(tmp_path, make_config, monkeypatch):
+    from character.stages import respond
+
+    _no_ray(monkeypatch, respond)
+    old = pa.Table.from_pylist([{"message_id": "m0", "trait": "curiosity", "kind": "values", "text": "Why?",
+                                 "request_id": "r0"}])  # the layout before the split column
+    out = StageOutput(str(tmp_path), "messages")
+    out.write_part(old, key="old")
+    out.mark_success({"stage": "messages", "rows_in": 1, "rows_out": 1, "drops": {}})
+    with pytest.raises(StageInputError, match=r"respond: .*messages/part-old.parquet has no column split \(written by "
+                                              r"an older version of character\?\): redo the stage that writes "
+                                              r"'messages' with --force"):
+        respond.run(make_config(tmp_path))

@@ -130,7 +130,8 @@ def run(config: Config, force: bool = False) -> StageResult:
         return skipped
     check_stage_config(config, "evaluate")
     for needed in ("messages", "pm", "policy"):
-        require_complete(StageOutput(config.run.output_dir, needed), "evaluate")
+        require_complete(StageOutput(config.run.output_dir, needed), "evaluate",
+                         schemas.MESSAGES if needed == "messages" else None)
     prompts = evaluation_messages(config)
     if not prompts:
         raise StageInputError(f"evaluate: 0 held-out or adversarial messages to evaluate on; "

@@ -152,7 +152,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     check_stage_config(config, "rank")
-    require_complete(responses, "rank")
+    require_complete(responses, "rank", schemas.RESPONSES)
     if not responses.part_files():
         raise StageInputError(f"rank: 0 responses to rank; {upstream_cause(responses)}")
     constitution = load_constitution(config.traits.path, config.traits.only)

@@ -60,7 +60,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     check_stage_config(config, "respond")
-    require_complete(messages, "respond")
+    require_complete(messages, "respond", schemas.MESSAGES)
     splits = messages.read(schema=schemas.MESSAGES, columns=["split"]).column("split").to_pylist()
     total = splits.count(TRAIN)
     if not total:

@@ -223,7 +223,7 @@ def run(config: Config, force: bool = False) -> StageResult:
         return skipped
     check_stage_config(config, "train-pm")
     preferences = StageOutput(config.run.output_dir, "preferences")
-    require_complete(preferences, "train-pm")
+    require_complete(preferences, "train-pm", schemas.PREFERENCES)
     train, held, bad = _load_pairs(config.run.output_dir, config.pm.eval_fraction)
     check_pairs(train, held, bad, preferences, config.pm.eval_fraction)
     from character.train_common import check_resume_settings, trainer_for

@@ -6,6 +6,7 @@ policy weights in place after every iteration.
 """
 from __future__ import annotations
 
+from character import schemas
 from character.config import Config
 from character.runtime import StageResult, Timer, init_ray, skip_or_reset, write_resolved_config
 from character.store import StageOutput, require_complete
@@ -29,7 +30,7 @@ def run(config: Config, force: bool = False) -> StageResult:
         reset_train_state(out)
     check_stage_config(config, "train-ppo")
     messages = StageOutput(config.run.output_dir, "messages")
-    require_complete(messages, "train-ppo")
+    require_complete(messages, "train-ppo", schemas.MESSAGES)
     if "pm" in (config.ppo.reward, config.ppo.critic_init):
         require_complete(StageOutput(config.run.output_dir, "pm"), "train-ppo")
     train, held = ppo_messages(config)
