@@ -13,6 +13,7 @@ import sys
 from collections import defaultdict
 
 from character.evalstats import Z95, clustered_mean, wilson, win_rates
+from character.stages.evaluate import paired_samples
 from character.store import StageOutput
 
 
@@ -26,10 +27,7 @@ def rows_as_independent(values: list[float]) -> float:
 
 
 def widths(rows: list[dict]) -> dict[str, tuple[float, float]]:
-    pairs = defaultdict(dict)
-    for r in rows:
-        pairs[(r["message_id"], r["sample"])][r["model"]] = r
-    both = [p for p in pairs.values() if "base" in p and "trained" in p]
+    both = paired_samples(rows)
     ids = [p["base"]["message_id"] for p in both]
     delta = [p["trained"]["reward"] - p["base"]["reward"] for p in both]
     words = [p["trained"]["n_words"] - p["base"]["n_words"] for p in both]

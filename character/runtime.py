@@ -11,9 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from character.config import Config, RayConfig
-from character.store import StageInputError, StageOutput, stable_id
-
-__all__ = ["StageInputError"]  # raised by stages, defined with the storage it is about
+from character.store import StageInputError, StageOutput, stable_id  # noqa: F401  (StageInputError: for stages)
 
 # Output folder -> the command that writes it (for messages that name the upstream stage).
 WRITER = {"messages": "synthesize", "responses": "respond", "preferences": "rank", "pm": "train-pm",

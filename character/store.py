@@ -154,13 +154,14 @@ class StageOutput:
         rows, set-aside rows and commit record go together), to `_quarantine/` (same relative path), log why
         in `_quarantine/log.jsonl`, and return what moved. The ids in them are then missing, so the stage's
         resume makes those rows again."""
-        bad = {p: why for p in self.all_part_files() if (why := self.part_problem(p))}
+        parts = self.all_part_files()
+        bad = {p: why for p in parts if (why := self.part_problem(p))}
         if not bad:
             return []
         fs, root = self._fs()
         keys = {posixpath.basename(p) for p in bad}
         moved = []
-        for path in self.all_part_files():
+        for path in parts:
             if posixpath.basename(path) not in keys:
                 continue
             rel = path[len(root):].lstrip("/")

@@ -23,8 +23,9 @@ def _messages(root, splits: list[str], success: dict | None = None) -> StageOutp
     out = StageOutput(str(root), "messages")
     if rows:
         out.write_part(pa.Table.from_pylist(rows, schema=schemas.MESSAGES), key="hand")
-    info = success or {"stage": "messages", "rows_in": 40, "rows_out": len(rows), "drops": {}}
-    out.write_json("stats.json", {**info, "per_split": {s: splits.count(s) for s in ("train", "held_out", "adversarial")}})
+    info = {**(success or {"stage": "messages", "rows_in": 40, "rows_out": len(rows), "drops": {}}),
+            "per_split": {s: splits.count(s) for s in ("train", "held_out", "adversarial")}}
+    out.write_json("stats.json", info)
     out.mark_success(info)
     return out
 

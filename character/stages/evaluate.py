@@ -93,16 +93,21 @@ class EvalWorker:
         return pa.table({"rows_in": [len(rows)], "rows_out": [len(flat)], "drops": [""], "new_tokens": [0]})
 
 
+def paired_samples(rows: list[dict]) -> list[dict]:
+    """{"base": row, "trained": row} per (message, sample) that both models answered."""
+    pairs = defaultdict(dict)
+    for r in rows:
+        pairs[(r["message_id"], r["sample"])][r["model"]] = r
+    return [p for p in pairs.values() if "base" in p and "trained" in p]
+
+
 def summarise(rows: list[dict]) -> dict:
     """Per trait/split and overall per split: PM scores, paired score shift, win rates, lengths, each with
     an interval clustered by message (the samples of one message are not independent)."""
     from character.evalstats import METHOD, clustered_delta, clustered_mean, win_rates
 
     def block(subset: list[dict]) -> dict:
-        pairs = defaultdict(dict)
-        for r in subset:
-            pairs[(r["message_id"], r["sample"])][r["model"]] = r
-        both = [p for p in pairs.values() if "base" in p and "trained" in p]
+        both = paired_samples(subset)
         ids = [p["base"]["message_id"] for p in both]
         base_r, trained_r = [p["base"]["reward"] for p in both], [p["trained"]["reward"] for p in both]
         base_l, trained_l = [p["base"]["n_words"] for p in both], [p["trained"]["n_words"] for p in both]

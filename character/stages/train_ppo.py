@@ -41,7 +41,7 @@ def run(config: Config, force: bool = False) -> StageResult:
             f"train-ppo: needs >= {config.ppo.prompts_per_iteration} training prompts (ppo.prompts_per_iteration) and "
             f">= 1 validation prompt, carved by message from the 'train' split (ppo.eval_fraction="
             f"{config.ppo.eval_fraction}); has {len(train)} and {len(held)}; {upstream_cause(messages)} "
-            f"(per split: {messages.read_json('stats.json').get('per_split')})")
+            f"(per split: {messages.success_info().get('per_split')})")
     check_resume_settings(config, STAGE)
     write_resolved_config(config)
     init_ray(config.ray)
