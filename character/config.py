@@ -185,6 +185,23 @@ class JudgeConfig(Strict):
         return self
 
 
+class LoraConfig(Strict):
+    """Low-rank adapters (peft) instead of training every weight, for train-pm and train-ppo: the base weights
+    stay frozen and carry no gradient or optimizer state. rank 0 (the default) trains all weights, as
+    OpenRLHF's `--lora_rank 0`. The PM's score head, the critic's value head are trained whole."""
+
+    rank: int = Field(0, ge=0)  # r of W + (alpha / r) B A; Open Character Training uses 64
+    alpha: float = Field(16.0, gt=0)  # scale alpha / r (OCT: 128 at rank 64)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module names (peft matching: "q_proj" matches every layer's q_proj), or "all-linear": every linear
+    # layer but the output head.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class TrainConfig(Strict):
     """Ray Train + DeepSpeed settings shared by the preference-model and PPO stages."""
 
@@ -201,6 +218,7 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=-1)  # Ray Train FailureConfig: restarts from the latest checkpoint
     checkpoint_every: int = Field(20, ge=1)  # steps
     keep_checkpoints: int = Field(2, ge=1)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @model_validator(mode="after")
     def _workers(self) -> TrainConfig:
@@ -264,6 +282,12 @@ class PPOConfig(Strict):
     logits_chunk: int = Field(128, ge=1)  # sequence positions per fp32 log-softmax when reading log-probs
 
 
+class ExportConfig(Strict):
+    # With train.lora: besides the adapter (<stage>/adapter/, PeftModel.from_pretrained), write the merged full
+    # model at <stage>/ (the PM is always merged: PPO and evaluate score with it). evaluate accepts either.
+    merged: bool = False
+
+
 class EvaluateConfig(Strict):
     samples: int = Field(2, ge=1)  # responses per message and model
     max_messages_per_trait: int = Field(16, ge=1)  # held-out messages per trait (never trained on)
@@ -288,6 +312,7 @@ class Config(Strict):
     pm: PMConfig = Field(default_factory=PMConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     # Where the YAML came from; relative paths in the config resolve against the working directory.
     source: str | None = None
@@ -358,6 +383,12 @@ def check_stage_config(config: Config, stage: str) -> None:
             raise ConfigError(f"{origin}: field 'train.deepspeed_config': {config.train.deepspeed_config} uses ZeRO stage 0, "
                               f"whose fp32 optimizer steps on non-finite gradients instead of skipping them; use "
                               f"configs/deepspeed/zero1.json, zero2.json or zero3.json")
+    if stage in ("train-pm", "train-ppo") and config.train.lora.enabled:
+        from character.lora import target_problem
+
+        model = config.pm.base_model or config.model.name if stage == "train-pm" else config.model.name
+        if (why := target_problem(model, config.train.lora)) is not None:
+            raise ConfigError(f"{origin}: field 'train.lora.target_modules': {why}")
     if stage in ("train-pm", "train-ppo") and not isinstance(config.train.num_workers, int):
         from character.train_common import read_deepspeed_json, zero_stage
 

@@ -253,13 +253,21 @@ def resolve_model(name: str) -> str:
         return _build_cached(cache_root() / "models" / f"{name}-{key}", lambda tmp: convert_gguf_model(gguf, tmp))
     from character.store import fetch_folder, is_remote
 
-    if is_remote(name):  # an exported pm/ or policy/ on object storage: a local copy, fetched once per node
-        return fetch_folder(name, str(cache_root() / "fetched"))
-    local = Path(name).expanduser()
+    # An exported pm/ or policy/ on object storage: a local copy, fetched once per node.
+    local = Path(fetch_folder(name, str(cache_root() / "fetched")) if is_remote(name) else name).expanduser()
     if local.exists():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"model '{name}': a local folder without config.json")
-        return str(local.resolve())
+        if (local / "config.json").is_file():
+            return str(local.resolve())
+        from character.lora import adapter_folder, merge_adapter
+
+        if (adapter := adapter_folder(local)) is not None:
+            # A LoRA export without its merged model (or any peft adapter folder): merged once into the cache,
+            # keyed by the adapter's bytes, because vLLM and every reader here take full models.
+            key = hashlib.sha1((adapter / "adapter_config.json").read_bytes()
+                               + (adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+            return _build_cached(cache_root() / "merged" / f"{local.name}-{key}",
+                                 lambda tmp: merge_adapter(adapter, tmp))
+        raise FileNotFoundError(f"model '{name}': a local folder without config.json (nor a LoRA adapter)")
     return name  # a Hugging Face hub id, fetched by transformers / vLLM on a machine that reaches the hub
 
 
@@ -271,7 +279,11 @@ def model_problem(name: str) -> str | None:
         return None
     local = Path(name).expanduser()
     if local.exists():
-        return None if (local / "config.json").is_file() else f"{local} is a folder without config.json"
+        from character.lora import adapter_folder
+
+        if (local / "config.json").is_file() or adapter_folder(local) is not None:
+            return None
+        return f"{local} is a folder without config.json (nor a LoRA adapter)"
     builtins = ", ".join([*BUILTIN_MODELS, *PACKAGED_MODELS])
     # A hub id is `name` or `org/name`; anything else that does not exist is a mistyped local path.
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/"):
@@ -305,21 +317,31 @@ def export_model(model_class, model_config, weights: dict, tokenizer, uri: str, 
     """A trained model as an ordinary HF folder at `uri` (local or object storage): a clean model built from
     `model_config` takes `weights` strictly (a missing or unexpected key is an error, not a silently
     untrained tensor), saved with `save_pretrained` (safetensors) with the tokenizer and `files` (name ->
-    JSON-able payload), in the weights' own dtype. Written to a temporary folder first, then published."""
+    JSON-able payload), in the weights' own dtype."""
+    dtype = next(iter(weights.values())).dtype
+    model = model_class.from_config(model_config, dtype=dtype)
+    model.load_state_dict(weights, strict=True)
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    write_folder(uri, write, files)
+
+
+def write_folder(uri: str, write, files: dict | None = None) -> None:
+    """`write(folder)` fills a temporary folder (plus `files`: name -> JSON-able payload), which is then
+    published at `uri` (local or object storage): readers never see half an export."""
     import tempfile
 
     from character.store import is_remote, publish_folder, split_uri
 
-    dtype = next(iter(weights.values())).dtype
-    model = model_class.from_config(model_config, dtype=dtype)
-    model.load_state_dict(weights, strict=True)
     local_parent = None if is_remote(uri) else os.path.dirname(split_uri(uri)[1])
     if local_parent:
         os.makedirs(local_parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=local_parent)  # same disk as the target: renames are atomic
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         for name, payload in (files or {}).items():
             Path(tmp, name).write_text(json.dumps(payload, indent=2, sort_keys=True))
         publish_folder(tmp, uri)

@@ -97,3 +97,40 @@ class RolloutEngine:
 
     def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
         return prompt_logprobs(self.llm, token_ids)
+
+
+class SyncError(RuntimeError):
+    """The engines do not sample from the policy being trained."""
+
+
+def sync_tolerance(train_dtype: str, engine_dtype: str) -> float:
+    """How far the engines' log-probabilities of the probe may sit from the trainer's: fp32 on both sides
+    agree to ~1e-6 (tests/test_train_ppo.py), a bf16 side rounds every activation (~1e-2 per token here)."""
+    return 1e-3 if train_dtype == engine_dtype == "float32" else 0.25
+
+
+class SyncProbe:
+    """After every weight sync, the engines' log-probabilities of one fixed token sequence are compared
+    with the trained policy's. A sync that silently did not take (the engine still sampling the initial
+    policy, as verl #7495 reports; adapter names with no target in the engine, OpenRLHF #1349; half a fused
+    layer reloaded) shows as a difference larger than `tolerance`, and stops the run naming the iteration.
+    `drift` (engine now vs engine when this process started) shows that the engines really moved."""
+
+    def __init__(self, token_ids: list[int], tolerance: float):
+        self.token_ids, self.tolerance = list(token_ids), tolerance
+        self.initial: list[float] | None = None
+
+    def compare(self, engine_logprobs: list[list[float]], policy_logprobs: list[float], version: int) -> dict:
+        import numpy as np
+
+        policy = np.asarray(policy_logprobs, dtype=np.float64)
+        engines = [np.asarray(x, dtype=np.float64) for x in engine_logprobs]
+        if self.initial is None:
+            self.initial = list(engines[0])
+        diff = max(float(np.max(np.abs(e - policy))) for e in engines)
+        drift = float(np.max(np.abs(engines[0] - np.asarray(self.initial))))
+        if not diff <= self.tolerance:  # NaN fails too
+            raise SyncError(f"after the weight sync of version {version} the vLLM engines do not serve the trained "
+                            f"policy: max |log p(engine) - log p(policy)| over a {len(self.token_ids)}-token probe is "
+                            f"{diff:.3g} (tolerance {self.tolerance:g}); rollouts would come from other weights")
+        return {"sync_logprob_diff": diff, "engine_drift": drift}

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -281,7 +282,10 @@ def publish_folder(local_dir: str, uri: str) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(root, exist_ok=True)
         for name in os.listdir(local_dir):
-            os.replace(os.path.join(local_dir, name), os.path.join(root, name))
+            target = os.path.join(root, name)
+            if os.path.isdir(target) and os.path.isdir(os.path.join(local_dir, name)):
+                shutil.rmtree(target)  # a sub-folder of an earlier export (an adapter/): replaced whole
+            os.replace(os.path.join(local_dir, name), target)
         return
     fs.create_dir(root, recursive=True)
     pafs.copy_files(local_dir, root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -313,7 +317,5 @@ def fetch_folder(uri: str, cache: str) -> str:
     except OSError:  # another fetcher published first
         if not os.path.isdir(final):
             raise
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -176,7 +176,7 @@ def save_and_report(engines: dict, client_state: dict, metrics: dict) -> None:
     tmp = tempfile.mkdtemp(prefix="character-ckpt-")
     try:
         for name, engine in engines.items():
-            engine.save_checkpoint(os.path.join(tmp, name), tag=CKPT_TAG, client_state=client_state)
+            save_engine(engine, os.path.join(tmp, name), client_state)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,14 +203,59 @@ def restore(engines: dict) -> dict | None:
             # elastic checkpoints); its elastic load still merges and re-partitions the fp32 master weights.
             # So a resized group resumes the exact weights, data position, RNG and counters, and restarts
             # Adam's moments (a warning says so).
-            _, client = engine.load_checkpoint(os.path.join(folder, name), tag=CKPT_TAG,
-                                               load_optimizer_states=not resized)
+            client = load_engine(engine, os.path.join(folder, name), load_optimizer_states=not resized)
             if resized:
                 print(f"[resume] '{name}': checkpoint of {saved} workers loaded on {dist.get_world_size()}: "
                       f"weights resumed exactly, optimizer moments restarted", file=sys.__stdout__, flush=True)
             state = client if state is None else state
             state["resized_from"] = saved if resized else None
     return state
+
+
+def rng_states() -> list:
+    """Every rank's torch RNG state, gathered (a collective: every rank calls). DeepSpeed keeps the client
+    state of rank 0 only, so a state saved per rank would come back as rank 0's on every rank, and the
+    dropout masks of a resumed run would differ from an uninterrupted one's."""
+    import torch
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, torch.get_rng_state())
+    return gathered
+
+
+def restore_rng(state: dict) -> None:
+    """This rank's saved RNG state (a resized group: rank r takes saved state r mod the saved count)."""
+    import torch
+    import torch.distributed as dist
+
+    saved = state.get("rng")
+    if saved is None:
+        return
+    if isinstance(saved, list):
+        saved = saved[dist.get_rank() % len(saved)]
+    torch.set_rng_state(saved)
+
+
+def save_engine(engine, folder: str, client_state: dict) -> None:
+    """DeepSpeed's checkpoint of one engine. A LoRA model's frozen base is left out (it is rebuilt from the
+    model name on resume): the adapters, the trained heads and their optimizer state only."""
+    engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client_state,
+                           exclude_frozen_parameters=has_frozen(engine))
+
+
+def load_engine(engine, folder: str, load_optimizer_states: bool = True) -> dict:
+    """Load `save_engine`'s checkpoint; returns its client state. Without frozen parameters every key must
+    match; with them (LoRA) the frozen ones are absent by design (tests/test_lora.py checks that every
+    trained one is restored)."""
+    _, client = engine.load_checkpoint(folder, tag=CKPT_TAG, load_optimizer_states=load_optimizer_states,
+                                       load_module_strict=not has_frozen(engine))
+    return client
+
+
+def has_frozen(engine) -> bool:
+    """A model with frozen parameters (a LoRA base): its checkpoints hold the trained ones only."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def saved_world_size(folder: str) -> int | None:
@@ -275,11 +320,11 @@ def trainer_for(config: Config, train_loop, loop_config: dict, name: str):
 RESUME_SETTINGS = {
     "pm": ("model.name", "pm.base_model", "run.seed", "pm.micro_batch_size", "pm.grad_accum", "pm.lr",
            "pm.weight_decay", "pm.max_length", "pm.margin", "pm.eval_fraction", "train.dtype",
-           "train.deepspeed_config"),
+           "train.deepspeed_config", "train.lora"),
     "policy": ("model.name", "run.seed", "ppo.reward", "ppo.critic_init", "ppo.prompts_per_iteration",
                "ppo.minibatch_size", "ppo.ppo_epochs", "ppo.lr", "ppo.critic_lr", "ppo.kl_coef", "ppo.kl_target",
                "ppo.kl_estimator", "ppo.sampling", "ppo.max_prompt_tokens", "ppo.eval_fraction", "train.dtype",
-               "train.deepspeed_config"),
+               "train.deepspeed_config", "train.lora"),
 }
 SETTINGS_FILE = "resume_settings.json"
 
@@ -309,7 +354,8 @@ def check_resume_settings(config: Config, stage: str) -> None:
     listing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     has_checkpoint = any(i.base_name.startswith("checkpoint_") for i in listing)
     if has_checkpoint and state.exists(SETTINGS_FILE):
-        saved = state.read_json(SETTINGS_FILE)
+        # A setting newer than the checkpoint (e.g. train.lora) was at its default when the checkpoint was made.
+        saved = {**resume_settings(Config(), stage), **state.read_json(SETTINGS_FILE)}
         diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} in the config"
                 for k, v in current.items() if saved.get(k) != v]
         if diff:

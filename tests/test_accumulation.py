@@ -1,5 +1,6 @@
-"""Gradient accumulation under real DeepSpeed (ZeRO over gloo, one process): a non-finite micro-batch
-skips the whole optimizer step, consistently (train_common.accumulation_step)."""
+"""Real DeepSpeed engines without Ray (ZeRO over gloo, one process): a non-finite micro-batch skips the
+whole optimizer step, consistently (train_common.accumulation_step); LoRA checkpoints (train_common.save_engine
+/ load_engine) hold the trained tensors only and resume exactly, and ZeRO-3 gathers merged weights."""
 import os
 import socket
 
@@ -106,3 +107,90 @@ def test_bf16_zero2_trains_in_bf16_with_fp32_master_weights(dist_group, repo):
     assert applied and all(torch.isfinite(torch.tensor(x)).all() for x in losses)
     after = _snapshot(engine)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("param/"))
+
+
+def _lora_engine(repo, stage: int):
+    import deepspeed
+    from peft import get_peft_model
+
+    from character import lora
+    from character.config import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from character.config import TrainConfig
+    from character.train_common import adamw, deepspeed_config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    settings = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(LlamaForCausalLM(config), lora.peft_config(settings, "policy"))
+    ds = deepspeed_config(TrainConfig(deepspeed_config=str(repo / f"configs/deepspeed/zero{stage}.json")), 2, 1, 1)
+    engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=adamw(lora.trainable(model), lr=1e-2))
+    return engine
+
+
+def _step(engine, seed: int) -> None:
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(seed))
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+
+
+def test_lora_checkpoints_hold_the_trained_tensors_only_and_resume_exactly_under_zero2_and_zero3(
+        tmp_path, repo, dist_group):
+    """save_engine / load_engine (what Ray Train checkpoints hold): two steps, a checkpoint, a fresh engine
+    loads it, both take a third step: the merged weights the engines would receive are identical; the
+    checkpoint is smaller than the frozen base; ZeRO-3's gathered merged weights equal ZeRO-2's."""
+    from character import lora
+    from character.train_common import load_engine, save_engine
+
+    merged = {}
+    for stage in (2, 3):
+        trained = _lora_engine(repo, stage)
+        _step(trained, 1)
+        _step(trained, 2)
+        folder = tmp_path / f"zero{stage}"
+        save_engine(trained, str(folder), {"step": 2})
+        frozen = sum(getattr(p, "ds_numel", p.numel()) for p in trained.module.parameters() if not p.requires_grad)
+        saved = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        assert saved < 4 * frozen, (stage, saved, frozen)  # the fp32 base alone would be 4 bytes a weight
+        resumed = _lora_engine(repo, stage)
+        assert load_engine(resumed, str(folder))["step"] == 2
+        _step(trained, 3)
+        _step(resumed, 3)
+        a = lora.merged_weights(trained.module, gather=stage == 3)
+        b = lora.merged_weights(resumed.module, gather=stage == 3)
+        assert a.keys() == b.keys() and len(a) == 2 * 4  # 2 layers x (q, k, v, down); no biases in Llama
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stage, k)
+        merged[stage] = a
+    for k in merged[2]:
+        assert torch.allclose(merged[2][k], merged[3][k], atol=1e-5), k
+
+
+def test_ppo_scoring_has_no_dropout_in_the_critic_or_a_lora_policy(repo, dist_group, tmp_path):
+    """PPO's models as train-ppo builds them (one worker, ZeRO-2), LoRA with dropout 0.5: they train in
+    training mode (from_pretrained returns eval mode, where LoRA dropout would never apply), and scoring the
+    same rollouts twice still gives the same log-probs and values (scoring runs in eval mode, then training
+    mode comes back)."""
+    from character import ppo, ppo_steps
+    from character.config import load_config
+
+    config = load_config(repo / "configs/tiny.yaml", [
+        f"run.output_dir={tmp_path}", "ppo.reward=rule", "ppo.critic_init=policy", "judge.kind=rule",
+        "judge.rule.type=length", "train.lora.rank=4", "train.lora.dropout=0.5", "train.num_workers=1"])
+    policy, critic, reference, scorer, _, _ = ppo_steps.build_models(config, 1)
+    assert reference is None  # the adapter-disabled policy is the reference
+    assert policy.module.training and critic.module.training
+    models = (policy, critic, reference, scorer)
+    outs = [{"text": "a b c", "finish_reason": "stop"}, {"text": "d", "finish_reason": "stop"}]
+
+    def scored():
+        roll = ppo.build_rollouts([[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14]], 0)
+        return ppo_steps.score(models, roll, [{"text": "x"}, {"text": "y"}], outs, [False, False], 0.05, config.ppo)
+
+    first, second = scored(), scored()
+    for a, b in zip(first[:4], second[:4]):  # old log-probs, old values, advantages, returns
+        assert torch.equal(a, b)
+    assert policy.module.training and critic.module.training

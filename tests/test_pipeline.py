@@ -26,7 +26,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 SMALL = ["synthesize.messages_per_trait=6", "respond.candidates=3", "ppo.eval_fraction=0.3", "pm.epochs=1", "pm.micro_batch_size=2",
          "train.checkpoint_every=2", "ppo.iterations=2", "ppo.prompts_per_iteration=4", "ppo.minibatch_size=2",
          "ppo.eval_prompts=4", "ppo.eval_every=2", "evaluate.max_messages_per_trait=1",
-         "evaluate.adversarial_per_trait=1", "evaluate.samples=1"]
+         "evaluate.adversarial_per_trait=1", "evaluate.samples=1",
+         # LoRA end to end on object storage: the PM exported merged + adapter, the policy as its adapter only
+         # (export.merged false), which evaluate's engines merge onto the base when they load it.
+         "train.lora.rank=4"]
 
 
 def _free_port() -> int:
@@ -192,8 +195,10 @@ def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
     for stage in ("messages", "responses", "preferences", "pm", "policy", "eval", "report"):
         assert f"{stage}/_SUCCESS" in in_bucket, stage
     for name in ("report/index.html", "pm/model.safetensors", "pm/config.json", "pm/tokenizer.json",
-                 "pm/metrics.json", "policy/model.safetensors", "policy/config.json", "policy/metrics.jsonl"):
+                 "pm/metrics.json", "pm/adapter/adapter_model.safetensors", "policy/adapter/adapter_config.json",
+                 "policy/adapter/adapter_model.safetensors", "policy/metrics.jsonl"):
         assert name in in_bucket, name
+    assert "policy/model.safetensors" not in in_bucket  # adapter only
     assert any(name.startswith("_train/policy/checkpoint_") for name in in_bucket)  # Ray Train on S3 too
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert set(summary["overall"]) == {"held_out", "adversarial"}

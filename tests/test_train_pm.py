@@ -124,3 +124,46 @@ def test_non_finite_losses_stop_the_run_naming_the_step(tmp_path, preferences, m
             "train.max_failures=0", "train.checkpoint_every=1000")
     assert "was not finite for 2 steps in a row" in str(err.value) and "step " in str(err.value)
     assert not StageOutput(str(run_dir), "pm").complete()
+
+
+LORA = ["train.lora.rank=8", "train.lora.alpha=16", "pm.lr=1e-2"]
+
+
+def test_lora_learns_the_rule_resumes_and_exports_the_adapter_and_the_merged_model(tmp_path, preferences,
+                                                                                   make_config):
+    """train.lora on the PM (ZeRO-2, 2 workers; ZeRO-3 in test_lora.py and the LoRA PPO test): the held-out
+    accuracy bar of the full model; a worker killed mid-run resumes from a checkpoint holding the adapters,
+    the score head and their optimizer state only (smaller than the frozen base alone); the export is the
+    adapter (PeftModel.from_pretrained) and the merged model, equal to base + adapter, with the base weights
+    untouched."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from character.models import resolve_model
+
+    run_dir = _run_dir(tmp_path, preferences)
+    (run_dir / "_train").mkdir()
+    (run_dir / "_train" / "inject_fault.json").write_text(json.dumps({"step": 35}))
+    _, metrics = _pm(run_dir, make_config, *LEARN, *LORA, "pm.epochs=3", "train.checkpoint_every=30",
+                     "train.max_failures=1")
+    assert metrics["eval_accuracy"] >= 0.9, metrics
+    assert metrics["resumed_from_step"] == 30
+    assert metrics["trainable_parameters"] < 0.1 * metrics["total_parameters"]
+    checkpoint = max((run_dir / "_train" / "pm").glob("checkpoint_*"))
+    saved = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    assert saved < 4 * (metrics["total_parameters"] - metrics["trainable_parameters"]), saved  # no frozen base
+
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model("tiny-llama"), num_labels=1).eval()
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    adapter = load_file(str(run_dir / "pm" / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k or ".score." in k for k in adapter), sorted(adapter)[:5]
+    peft_model = PeftModel.from_pretrained(base, run_dir / "pm" / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(run_dir / "pm").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+        with peft_model.disable_adapter():
+            for k, v in peft_model.base_model.model.state_dict().items():
+                if k in base_weights and "score" not in k:
+                    assert torch.equal(v, base_weights[k]), k

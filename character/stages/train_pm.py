@@ -121,13 +121,13 @@ def train_loop(loop_config: dict) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from character import pm_data
+    from character import lora, pm_data
     from character.losses import bradley_terry_loss
     from character.models import load_tokenizer, resolve_model
     from character.train_common import (NonFiniteGuard, StepClock, accumulation_step, adamw, build_under_zero,
                                         deepspeed_config, full_state_dict, maybe_inject_fault,
-                                        plain_model_construction, restore, save_and_report, setup_distributed,
-                                        tensorboard_writer)
+                                        plain_model_construction, restore, restore_rng, rng_states,
+                                        save_and_report, setup_distributed, tensorboard_writer)
 
     config = Config.model_validate(loop_config["config"])
     cfg, seed = config.pm, config.run.seed
@@ -139,16 +139,16 @@ def train_loop(loop_config: dict) -> None:
     tokenizer = load_tokenizer(base)
     train, held, _ = _load_pairs(config.run.output_dir, cfg.eval_fraction)
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
-    model = build_under_zero(lambda: AutoModelForSequenceClassification.from_pretrained(
+    model = lora.wrap(build_under_zero(lambda: AutoModelForSequenceClassification.from_pretrained(
         resolve_model(base), num_labels=1, pad_token_id=tokenizer.pad_token_id,
-        dtype=getattr(torch, config.train_dtype)), ds)
-    optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        dtype=getattr(torch, config.train_dtype)), ds), config.train.lora, "pm")
+    optimizer = adamw(lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    engine.train()  # from_pretrained returns eval mode: LoRA dropout would apply only after the first evaluation
 
     state = restore({"pm": engine}) or {"step": 0, "position": 0, "guard": [0, 0], "last_metrics": {}}
     resumed_from = state["step"] or None
-    if "rng" in state:
-        torch.set_rng_state(state["rng"])
+    restore_rng(state)
     guard = NonFiniteGuard(cfg.max_nonfinite_in_row, *state["guard"])
     n, micro, accum = len(train), cfg.micro_batch_size, cfg.grad_accum
     end = n * cfg.epochs
@@ -185,7 +185,7 @@ def train_loop(loop_config: dict) -> None:
             if cfg.eval_every == 0 or done == total:
                 metrics = _evaluate(engine, tokenizer, held, cfg, rank, world)
             client = {"step": done, "position": position, "guard": [guard.in_row, guard.total],
-                      "last_metrics": metrics, "rng": torch.get_rng_state()}
+                      "last_metrics": metrics, "rng": rng_states()}
             report = {"step": done, "train_loss": float(np.mean(losses)) if applied else float("nan"),
                       "skipped_steps": guard.total, **{k: v for k, v in metrics.items() if isinstance(v, float)}}
             save_and_report({"pm": engine}, client, report)
@@ -202,19 +202,28 @@ def train_loop(loop_config: dict) -> None:
                                                      "resumed_from_step": resumed_from,
                                                      "examples_seen": position, "workers": world,
                                                      "resized_from_workers": state.get("resized_from"),
-                                                     "train_pairs": len(train), "eval_pairs_total": len(held)})
+                                                     "train_pairs": len(train), "eval_pairs_total": len(held),
+                                                     **lora.parameter_counts(model)})
         if writer:
             writer.close()
 
 
 def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> None:
-    """save_pretrained (safetensors) + tokenizer + metrics.json into <run>/pm (local or object storage)."""
+    """save_pretrained (safetensors) + tokenizer + metrics.json into <run>/pm (local or object storage).
+    With LoRA, the adapter too (pm/adapter/); the merged model is always written, since PPO and evaluate
+    score with it."""
     from transformers import AutoModelForSequenceClassification
 
+    from character import lora
     from character.models import export_model
 
-    export_model(AutoModelForSequenceClassification, model.config, weights, tokenizer,
-                 StageOutput(config.run.output_dir, STAGE).uri, {"metrics.json": metrics})
+    uri = StageOutput(config.run.output_dir, STAGE).uri
+    if config.train.lora.enabled:
+        lora.export("pm", config.train.lora, AutoModelForSequenceClassification, model.config, weights, tokenizer,
+                    uri, config.pm.base_model or config.model.name, merged=True, files={"metrics.json": metrics})
+    else:
+        export_model(AutoModelForSequenceClassification, model.config, weights, tokenizer, uri,
+                     {"metrics.json": metrics})
 
 
 def run(config: Config, force: bool = False) -> StageResult:

@@ -1,0 +1,155 @@
+"""The model side of one PPO iteration, for character/ppo_trainer.py: the DeepSpeed engines (policy, critic,
+reference; LoRA or full), the scoring forwards (log-probabilities, values, rewards, advantages) and the
+clipped updates over minibatches with gradient accumulation."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from character.config import Config
+from character.store import StageOutput
+
+
+def build_models(config: Config, world: int):
+    """Policy and critic (trained), reference (frozen) as DeepSpeed engines; the sequence scorer.
+
+    With train.lora the policy and the critic are peft models, each on its own frozen base: the critic's
+    base is the PM (ppo.critic_init: pm), whose weights are not the policy's, so one shared base would
+    fit only critic_init: policy, and would tie both into one DeepSpeed engine (one optimizer, one learning
+    rate, one ZeRO partitioning). The reference is the policy with its adapter disabled: no second copy."""
+    import deepspeed
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+    from character import lora
+    from character.models import resolve_model
+    from character.scoring import SequenceScorer
+    from character.train_common import adamw, build_under_zero, deepspeed_config, frozen_engine
+
+    cfg, dtype = config.ppo, getattr(torch, config.train_dtype)
+    micro = min(cfg.forward_batch_size, cfg.minibatch_size)
+    ds = deepspeed_config(config.train, micro, cfg.minibatch_size // micro, world, config.train_dtype)
+    base = resolve_model(config.model.name)
+    adapters = config.train.lora
+    policy_model = lora.wrap(build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds),
+                             adapters, "policy")
+    policy, *_ = deepspeed.initialize(model=policy_model, config=ds,
+                                      optimizer=adamw(lora.trainable(policy_model), lr=cfg.lr))
+    critic_src = resolve_model(StageOutput(config.run.output_dir, "pm").path()) if cfg.critic_init == "pm" else base
+    critic_config = AutoConfig.from_pretrained(critic_src, num_labels=1)
+    # No dropout in the value head (HF's token classifiers default to 0.1): the values of the clipped value
+    # loss would otherwise be noisy copies of the scoring pass's `old_values`.
+    critic_config.classifier_dropout = 0.0
+    critic_model = lora.wrap(build_under_zero(lambda: AutoModelForTokenClassification.from_pretrained(
+        critic_src, config=critic_config, dtype=dtype), ds), adapters, "critic")
+    critic, *_ = deepspeed.initialize(model=critic_model, config=ds,
+                                      optimizer=adamw(lora.trainable(critic_model), lr=cfg.critic_lr))
+    policy.train()  # from_pretrained returns eval mode: LoRA dropout would never apply
+    critic.train()
+    reference = None if adapters.enabled else frozen_engine(
+        build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds), ds)
+    scorer = SequenceScorer(config, build=lambda factory: frozen_engine(build_under_zero(factory, ds), ds))
+    return policy, critic, reference, scorer, policy_model, micro
+
+
+def logprobs(engine, roll, cfg, with_entropy: bool = False):
+    """Taken-token log-probs (and entropy) of the rollouts, `forward_batch_size` sequences per forward."""
+    from character import ppo
+
+    return ppo.forward_in_batches(
+        engine, roll.input_ids, roll.attention_mask, cfg.forward_batch_size,
+        lambda out, ids: ppo.logprobs_and_entropy(out.logits, ids, cfg.logits_chunk, with_entropy))
+
+
+def reference_logprobs(policy, reference, roll, cfg):
+    """The reference model's log-probs: its own engine, or (LoRA) the policy with its adapter disabled."""
+    from character.lora import adapter_disabled
+
+    if reference is not None:
+        return logprobs(reference, roll, cfg)[0]
+    with adapter_disabled(policy):
+        return logprobs(policy, roll, cfg)[0]
+
+
+@contextmanager
+def eval_mode(*engines):
+    """Scoring forwards without dropout (LoRA dropout included), back to training mode afterwards."""
+    for engine in engines:
+        engine.eval()
+    try:
+        yield
+    finally:
+        for engine in engines:
+            engine.train()
+
+
+def values(engine, roll, cfg):
+    from character import ppo
+
+    return ppo.forward_in_batches(engine, roll.input_ids, roll.attention_mask, cfg.forward_batch_size,
+                                  lambda out, ids: out.logits.squeeze(-1)[:, :-1].float())
+
+
+def score(models, roll, batch, outs, pad, beta, cfg):
+    """Rewards, advantages and the statistics of one rollout batch (no gradients)."""
+    import torch
+
+    from character import ppo
+    from character.losses import masked_mean
+
+    policy, critic, reference, scorer = models
+    scores = scorer([r["text"] for r in batch], [o["text"] for o in outs], [o["finish_reason"] for o in outs])
+    real = torch.tensor([0.0 if p else 1.0 for p in pad])
+    roll.mask = roll.mask * real[:, None]  # padding rows weigh nothing: no reward, KL, advantage or loss
+    with torch.no_grad(), eval_mode(policy, critic):
+        old_logp, entropy = logprobs(policy, roll, cfg, with_entropy=True)
+        ref_logp = reference_logprobs(policy, reference, roll, cfg)
+        old_values = values(critic, roll, cfg)
+    rewards, kl = ppo.shaped_rewards(scores * real, old_logp, ref_logp, roll.mask, beta, cfg.kl_estimator)
+    adv, returns = ppo.advantages_and_returns(rewards, old_values, roll.mask, cfg.gamma, cfg.lam,
+                                              cfg.whiten_advantages)
+    n_real = float(real.sum())
+    stats = {"reward": float((scores * real).sum()) / max(n_real, 1.0),
+             "kl": float((kl.sum(-1) * real).sum()) / max(n_real, 1.0),
+             "entropy": float(masked_mean(entropy, roll.mask))}
+    return old_logp, old_values, adv, returns, scores, kl, stats
+
+
+def train(policy, critic, roll, old_logp, old_values, adv, returns, cfg, seed: int, iteration: int, micro: int):
+    """`ppo_epochs` passes over the batch in minibatches; each minibatch is one optimizer step of policy and
+    critic, its `micro`-sequence pieces accumulated (train_common.accumulation_step skips the whole step on
+    every rank if any piece's loss is not finite). Returns the losses and the number of skipped steps."""
+    import torch
+
+    from character import ppo
+    from character.losses import clipped_policy_loss, clipped_value_loss
+    from character.train_common import accumulation_step
+
+    n, accum = roll.input_ids.shape[0], cfg.minibatch_size // micro
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": []}
+    skipped = 0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + iteration))
+        for start in range(0, n, cfg.minibatch_size):
+            minibatch = perm[start : start + cfg.minibatch_size]
+
+            def micro_losses(m: int):
+                idx = minibatch[m * micro : (m + 1) * micro]
+                # A short last minibatch still runs `accum` passes (DeepSpeed counts them), the missing
+                # ones as zero-weight repeats of its first row.
+                weight = 1.0 if len(idx) else 0.0
+                idx = idx if len(idx) else minibatch[:1]
+                sub = ppo.Rollouts(roll.input_ids[idx], roll.attention_mask[idx], roll.mask[idx], [])
+                logp, _ = logprobs(policy, sub, cfg)
+                pg_loss, clip_frac = clipped_policy_loss(logp, old_logp[idx], adv[idx], sub.mask, cfg.clip)
+                v_loss = clipped_value_loss(values(critic, sub, cfg), old_values[idx], returns[idx], sub.mask,
+                                            cfg.value_clip)
+                stats["clip_frac"].append(float(clip_frac))
+                return [pg_loss * weight, v_loss * weight]
+
+            losses, applied = accumulation_step([policy, critic], micro_losses, accum)
+            skipped += not applied
+            stats["policy_loss"] += [x[0] for x in losses]
+            stats["value_loss"] += [x[1] for x in losses]
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}, skipped
