@@ -129,11 +129,10 @@ def test_non_finite_losses_stop_the_run_naming_the_step(tmp_path, preferences, m
 LORA = ["train.lora.rank=8", "train.lora.alpha=16", "pm.lr=1e-2"]
 
 
-def test_lora_learns_the_rule_resumes_and_exports_the_adapter_and_the_merged_model(tmp_path, preferences,
-                                                                                   make_config):
-    """train.lora on the PM (ZeRO-2, 2 workers; ZeRO-3 in test_lora.py and the LoRA PPO test): the held-out
-    accuracy bar of the full model; a worker killed mid-run resumes from a checkpoint holding the adapters,
-    the score head and their optimizer state only (smaller than the frozen base alone); the export is the
+def test_lora_learns_the_rule_and_exports_the_adapter_and_the_merged_model(tmp_path, preferences, make_config):
+    """train.lora on the PM (ZeRO-2, 2 workers; ZeRO-3 and exact resume in test_accumulation.py, ZeRO-3 in
+    the LoRA PPO test): the held-out accuracy bar of the full model; the checkpoint holds the adapters, the
+    score head and their optimizer state only (smaller than the frozen base alone); the export is the
     adapter (PeftModel.from_pretrained) and the merged model, equal to base + adapter, with the base weights
     untouched."""
     from peft import PeftModel
@@ -143,12 +142,8 @@ def test_lora_learns_the_rule_resumes_and_exports_the_adapter_and_the_merged_mod
     from character.models import resolve_model
 
     run_dir = _run_dir(tmp_path, preferences)
-    (run_dir / "_train").mkdir()
-    (run_dir / "_train" / "inject_fault.json").write_text(json.dumps({"step": 35}))
-    _, metrics = _pm(run_dir, make_config, *LEARN, *LORA, "pm.epochs=3", "train.checkpoint_every=30",
-                     "train.max_failures=1")
+    _, metrics = _pm(run_dir, make_config, *LEARN, *LORA, "pm.epochs=3", "train.checkpoint_every=1000")
     assert metrics["eval_accuracy"] >= 0.9, metrics
-    assert metrics["resumed_from_step"] == 30
     assert metrics["trainable_parameters"] < 0.1 * metrics["total_parameters"]
     checkpoint = max((run_dir / "_train" / "pm").glob("checkpoint_*"))
     saved = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())

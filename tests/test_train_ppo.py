@@ -73,7 +73,7 @@ def test_lora_ppo_raises_held_out_reward_syncs_merged_adapters_and_exports_the_a
 
     from character.models import resolve_model
 
-    _, lines = _run(tmp_path, messages, make_config, "ppo.iterations=12", "ppo.eval_every=4", "ppo.lr=3e-3",
+    _, lines = _run(tmp_path, messages, make_config, "ppo.iterations=8", "ppo.eval_every=4", "ppo.lr=3e-3",
                     "ppo.critic_lr=3e-3", "train.checkpoint_every=100", "train.lora.rank=8",
                     "train.lora.alpha=16", "train.lora.target_modules=[q_proj,v_proj]",
                     f"train.deepspeed_config={repo / 'configs/deepspeed/zero3.json'}")
