@@ -4,8 +4,8 @@ With `train.lora.rank > 0` the PM, the policy and the critic are peft models: th
 (no gradient, no optimizer state, not in checkpoints), the adapters and the heads are trained. The
 engines are never given an adapter: after each update the trainer computes W + (alpha/r) B A for the
 adapted modules only (`merged_weights`) and pushes those tensors in place, as TRL and NeMo-RL do; the
-engines' other weights are the base's, which never change. vLLM's own LoRA path also works on CPU here;
-benchmarks/lora_sync.py measures both and explains the choice.
+engines' other weights are the base's, which never change. vLLM's own LoRA path also works on CPU here,
+but samples 4x slower there (benchmarks/lora.py measures both).
 
 Why hand-written: peft's `merge_and_unload` rewrites the trained model itself and returns every weight;
 we need the merged tensors of the adapted modules, named as the engine names them, without touching the
@@ -197,9 +197,8 @@ def merge_adapter(adapter: Path, target: Path) -> None:
     settings = json.loads((adapter / "adapter_config.json").read_text())
     model_class = AutoModelForSequenceClassification if settings.get("task_type") == "SEQ_CLS" else AutoModelForCausalLM
     extra = {"num_labels": 1} if model_class is AutoModelForSequenceClassification else {}
-    base = model_class.from_pretrained(resolve_model(settings["base_model_name_or_path"]), **extra)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    base_path = resolve_model(settings["base_model_name_or_path"])
+    merged = PeftModel.from_pretrained(model_class.from_pretrained(base_path, **extra), str(adapter)).merge_and_unload()
     merged.save_pretrained(str(target), safe_serialization=True)
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else resolve_model(settings["base_model_name_or_path"]))
-    tokenizer.save_pretrained(str(target))
+    AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else base_path).save_pretrained(str(target))

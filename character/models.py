@@ -262,9 +262,11 @@ def resolve_model(name: str) -> str:
 
         if (adapter := adapter_folder(local)) is not None:
             # A LoRA export without its merged model (or any peft adapter folder): merged once into the cache,
-            # keyed by the adapter's bytes, because vLLM and every reader here take full models.
-            key = hashlib.sha1((adapter / "adapter_config.json").read_bytes()
-                               + (adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+            # because vLLM and every reader here take full models. Keyed like packaged models, by the files'
+            # path, size and mtime: a re-exported adapter is merged again.
+            files = (adapter / "adapter_config.json", adapter / "adapter_model.safetensors")
+            stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            key = hashlib.sha1(repr(stamp).encode()).hexdigest()[:12]
             return _build_cached(cache_root() / "merged" / f"{local.name}-{key}",
                                  lambda tmp: merge_adapter(adapter, tmp))
         raise FileNotFoundError(f"model '{name}': a local folder without config.json (nor a LoRA adapter)")

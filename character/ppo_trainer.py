@@ -80,15 +80,6 @@ def adapt_kl_coef(kl_ctl, local_kl: float, weight: float, n_steps: int) -> float
     return kl
 
 
-def _max_all(value: float) -> float:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t[0])
-
-
 def peak_rss_gib() -> float:
     """This process's peak resident memory (Linux ru_maxrss is in KiB): the worker's models, optimizer
     states, activations and everything else it ever held at once."""
@@ -97,12 +88,13 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _sum_all(value: float) -> float:
+def _reduce_all(value: float, op: str = "SUM") -> float:
+    """One scalar reduced over the ranks (op: a torch.distributed.ReduceOp name, SUM or MAX)."""
     import torch
     import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return float(t[0])
 
 
@@ -272,9 +264,9 @@ class PPOWorker:
         betas = [None] * self.world
         dist.all_gather_object(betas, self.kl_ctl.beta)
         return {"iteration": iteration + 1, "kl_coef": self.kl_ctl.beta, "kl_coef_ranks": betas,
-                "skipped": self.guard.total, "prompts": int(_sum_all(n_real)), **metrics,
+                "skipped": self.guard.total, "prompts": int(_reduce_all(n_real)), **metrics,
                 "time_generation": t1 - t0, "time_scoring": t2 - t1, "time_training": t3 - t2, **synced,
-                "memory_peak_gib": _max_all(peak_rss_gib())}
+                "memory_peak_gib": _reduce_all(peak_rss_gib(), "MAX")}
 
     def run(self) -> None:
         from character.train_common import StepClock, maybe_inject_fault, rng_states, save_and_report

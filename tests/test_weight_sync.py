@@ -114,8 +114,9 @@ def test_lora_sync_pushes_merged_adapted_modules_and_the_probe_catches_a_stale_o
     with pytest.raises(SyncError, match="version 4 the vLLM engines do not serve the trained policy"):
         probe.compare([stale], policy_logprobs().tolist(), 4)
     # A sync that maps the peft names to the engine's but forgets the adapters (base_layer weights pushed):
-    unmerged = {k: base[k.replace("_proj.weight", "_proj.base_layer.weight")] if k.endswith(("q_proj.weight", "v_proj.weight"))
-                else v for k, v in lora.merged_weights(model).items()}
+    adapted = ("q_proj.weight", "v_proj.weight")
+    unmerged = {k: base[k.replace("_proj.weight", "_proj.base_layer.weight")] if k.endswith(adapted) else v
+                for k, v in lora.merged_weights(model).items()}
     _push(actor, unmerged, 4)
     with pytest.raises(SyncError):
         probe.compare([ray.get(actor.prompt_logprobs.remote(ids))], policy_logprobs().tolist(), 4)
