@@ -151,13 +151,18 @@ ADAPTER_DIR = "adapter"  # <stage>/adapter/: the adapter of a LoRA-trained model
 
 def export(kind: str, lora: LoraConfig, model_class, model_config, weights: dict, tokenizer, uri: str,
            base_name: str, merged: bool, files: dict | None = None) -> None:
-    """A LoRA-trained model at `uri`: the adapter in `<uri>/adapter/` (`save_pretrained` of the peft model:
-    adapter_config.json naming `base_name`, adapter_model.safetensors with the adapters and the trained
-    head, the tokenizer) and, with `merged`, the merged full model at `<uri>/` itself (an ordinary HF
-    folder). `weights`: the PeftModel's full state dict, taken strictly by a clean copy of it."""
+    """A trained model at `uri`. Without LoRA: `models.export_model` (an ordinary HF folder). With it: the
+    adapter in `<uri>/adapter/` (`save_pretrained` of the peft model: adapter_config.json naming `base_name`,
+    adapter_model.safetensors with the adapters and the trained head, the tokenizer) and, with `merged`, the
+    merged full model at `<uri>/` itself. `weights`: the model's full state dict, taken strictly by a clean
+    copy of it."""
     from peft import get_peft_model
 
-    from character.models import write_folder
+    from character.models import export_model, write_folder
+
+    if not lora.enabled:
+        export_model(model_class, model_config, weights, tokenizer, uri, files)
+        return
 
     dtype = next(iter(weights.values())).dtype
     model = get_peft_model(model_class.from_config(model_config, dtype=dtype), peft_config(lora, kind))

@@ -305,16 +305,13 @@ class PPOWorker:
         from transformers import AutoModelForCausalLM
 
         from character import lora
-        from character.models import export_model
         from character.train_common import full_state_dict, plain_model_construction
 
         weights = full_state_dict(self.policy)  # a collective under ZeRO-3: every rank
         plain_model_construction()
-        if self.rank == 0 and self.adapters.enabled:
+        if self.rank == 0:
             lora.export("policy", self.adapters, AutoModelForCausalLM, self.policy_model.config, weights,
                         self.tokenizer, self.out.uri, self.config.model.name, self.config.export.merged)
-        elif self.rank == 0:
-            export_model(AutoModelForCausalLM, self.policy_model.config, weights, self.tokenizer, self.out.uri)
         if self.writer:
             self.writer.close()
 

@@ -105,7 +105,7 @@ class SyncError(RuntimeError):
 
 def sync_tolerance(train_dtype: str, engine_dtype: str) -> float:
     """How far the engines' log-probabilities of the probe may sit from the trainer's: fp32 on both sides
-    agree to ~1e-6 (tests/test_train_ppo.py), a bf16 side rounds every activation (~1e-2 per token here)."""
+    agree to ~1e-6 (tests/test_weight_sync.py), a bf16 side rounds every activation (~1e-2 per token here)."""
     return 1e-3 if train_dtype == engine_dtype == "float32" else 0.25
 
 

@@ -246,7 +246,7 @@ def save_engine(engine, folder: str, client_state: dict) -> None:
 
 def load_engine(engine, folder: str, load_optimizer_states: bool = True) -> dict:
     """Load `save_engine`'s checkpoint; returns its client state. Without frozen parameters every key must
-    match; with them (LoRA) the frozen ones are absent by design (tests/test_lora.py checks that every
+    match; with them (LoRA) the frozen ones are absent by design (tests/test_accumulation.py checks that every
     trained one is restored)."""
     _, client = engine.load_checkpoint(folder, tag=CKPT_TAG, load_optimizer_states=load_optimizer_states,
                                        load_module_strict=not has_frozen(engine))

@@ -215,15 +215,10 @@ def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> N
     from transformers import AutoModelForSequenceClassification
 
     from character import lora
-    from character.models import export_model
 
-    uri = StageOutput(config.run.output_dir, STAGE).uri
-    if config.train.lora.enabled:
-        lora.export("pm", config.train.lora, AutoModelForSequenceClassification, model.config, weights, tokenizer,
-                    uri, config.pm.base_model or config.model.name, merged=True, files={"metrics.json": metrics})
-    else:
-        export_model(AutoModelForSequenceClassification, model.config, weights, tokenizer, uri,
-                     {"metrics.json": metrics})
+    lora.export("pm", config.train.lora, AutoModelForSequenceClassification, model.config, weights, tokenizer,
+                StageOutput(config.run.output_dir, STAGE).uri, config.pm.base_model or config.model.name,
+                merged=True, files={"metrics.json": metrics})
 
 
 def run(config: Config, force: bool = False) -> StageResult:
