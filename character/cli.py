@@ -10,7 +10,8 @@ import importlib
 import logging
 import sys
 
-from character.config import Config, ConfigError, check_stage_config, load_config
+from character.config import Config, ConfigError, load_config
+from character.stage_checks import check_stage_config
 from character.traits import load_constitution
 
 # stage command -> module with `run(config, force) -> StageResult`
@@ -20,13 +21,18 @@ STAGES = {
     "rank": "character.stages.rank",
     "train-pm": "character.stages.train_pm",
     "train-ppo": "character.stages.train_ppo",
+    "train-dpo": "character.stages.train_dpo",
     "evaluate": "character.stages.evaluate",
     "report": "character.stages.report",
 }
 
 
-# `character run` goes through these in order, skipping stages whose output is complete.
-PIPELINE = ["synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate", "report"]
+def pipeline(config: Config) -> list[str]:
+    """The stages `character run` goes through in order, skipping those whose output is complete:
+    policy.method ppo trains a preference model and then the policy against it, dpo the policy on the
+    pairs directly."""
+    training = ["train-pm", "train-ppo"] if config.policy.method == "ppo" else ["train-dpo"]
+    return ["synthesize", "respond", "rank", *training, "evaluate", "report"]
 
 
 def validate(config: Config, stages: list[str]) -> None:
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        names = PIPELINE if args.command == "run" else [args.command]
+        names = pipeline(config) if args.command == "run" else [args.command]
         validate(config, names)
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)

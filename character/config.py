@@ -228,8 +228,9 @@ class TrainConfig(Strict):
         return self
 
 
-class PMConfig(Strict):
-    base_model: str | None = None  # None: the policy model (model.name)
+class PairTrainingConfig(Strict):
+    """What train-pm and train-dpo share: both step through the same preference pairs (character/pair_trainer.py)."""
+
     epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(None, ge=1)
     micro_batch_size: int = Field(8, ge=1)  # pairs per worker per micro-batch
@@ -237,16 +238,50 @@ class PMConfig(Strict):
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=8)
-    margin: float = Field(0.0, ge=0)
     eval_fraction: float = Field(0.2, gt=0, lt=1)  # validation pairs, by message, out of the `train` split
     eval_every: int = Field(0, ge=0)  # steps; 0: at each checkpoint and at the end
     max_nonfinite_in_row: int = Field(3, ge=1)
     calibration_bins: int = Field(5, ge=1)
 
 
+class PMConfig(PairTrainingConfig):
+    base_model: str | None = None  # None: the policy model (model.name)
+    margin: float = Field(0.0, ge=0)
+
+
+class DPOConfig(PairTrainingConfig):
+    """DPO on rank's pairs (train-dpo): -[p log sigma(h) + (1 - p) log sigma(-h)], h = beta * ((log pi(chosen) -
+    log ref(chosen)) - (log pi(rejected) - log ref(rejected))), with p the pair's soft label: the soft label
+    is the Bradley-Terry target, which is conservative DPO's label smoothing with epsilon = 1 - p per pair."""
+
+    lr: float = Field(5e-6, gt=0)
+    beta: float = Field(0.1, gt=0)  # Open Character Training and TRL: 0.1
+    soft_labels: bool = True  # False: every pair counts as p = 1 (plain DPO)
+    # Weight of the mean per-token NLL of `chosen` added to the loss (RPO; Open Character Training: 0.1).
+    nll_coef: float = Field(0.0, ge=0)
+    # True: the reference log-probs of every pair are computed once, by the policy before its first update,
+    # and kept in the checkpoints; False: a frozen reference model scores each batch (TRL's default).
+    precompute_reference: bool = True
+
+
+class PolicyConfig(Strict):
+    # ppo: rank -> train-pm -> train-ppo (ppo.advantage picks PPO with a critic, GRPO or RLOO); dpo: rank ->
+    # train-dpo (no preference model; evaluate scores with the DPO implicit reward).
+    method: Literal["ppo", "dpo"] = "ppo"
+
+
 class PPOConfig(Strict):
     reward: Literal["pm", "rule"] = "pm"  # the trained preference model, or judge.rule's score
-    critic_init: Literal["pm", "policy"] = "pm"
+    # gae: PPO with a critic; grpo / rloo: no critic, `samples_per_prompt` samples per prompt and the group as
+    # the baseline (GRPO: reward minus the group mean over the group std, or with group_std false over
+    # nothing as Dr. GRPO; RLOO: minus the mean of the other samples). character/losses.py group_advantages.
+    advantage: Literal["gae", "grpo", "rloo"] = "gae"
+    samples_per_prompt: int = Field(1, ge=1)  # K: one vLLM request with n = K per prompt
+    group_std: bool = True  # grpo only
+    # reward: -kl_coef * KL in the per-token reward (PPO, InstructGPT); loss: kl_coef * k3 KL to the reference
+    # added to the policy loss (GRPO), the reward left as the scorer gave it.
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    critic_init: Literal["pm", "policy"] = "pm"  # gae only
     iterations: int = Field(20, ge=1)
     # Global; a count that does not divide by the workers is padded with zero-weight rows (never cut).
     prompts_per_iteration: int = Field(32, ge=1)
@@ -281,6 +316,10 @@ class PPOConfig(Strict):
     forward_batch_size: int = Field(4, ge=1)
     logits_chunk: int = Field(128, ge=1)  # sequence positions per fp32 log-softmax when reading log-probs
 
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
+
 
 class ExportConfig(Strict):
     # With train.lora: besides the adapter (<stage>/adapter/, PeftModel.from_pretrained), write the merged full
@@ -313,6 +352,8 @@ class Config(Strict):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     # Where the YAML came from; relative paths in the config resolve against the working directory.
     source: str | None = None
@@ -320,6 +361,12 @@ class Config(Strict):
     @property
     def train_dtype(self) -> str:
         return self.model.dtype if self.train.dtype == "auto" else self.train.dtype
+
+    @property
+    def policy_stage(self) -> str:
+        """The output folder of the trained policy, which evaluate compares with the base: policy/ (train-ppo)
+        or dpo/ (train-dpo)."""
+        return "dpo" if self.policy.method == "dpo" else "policy"
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Config:
@@ -339,7 +386,10 @@ class Config(Strict):
         if ppo.reward == "rule" and self.judge.rule.type == "keywords" and not self.judge.rule.words:
             raise ValueError("ppo.reward is 'rule' but judge.rule is a keywords rule with no judge.rule.words: every "
                              "response would score 0 (set judge.rule.words, or judge.rule.type: length)")
-        if ppo.critic_init == "pm" and self.pm.base_model not in (None, self.model.name):
+        if ppo.advantage != "gae" and ppo.samples_per_prompt < 2:
+            raise ValueError(f"ppo.advantage '{ppo.advantage}' needs ppo.samples_per_prompt >= 2 (the other samples "
+                             f"of a prompt are each sample's baseline), got {ppo.samples_per_prompt}")
+        if ppo.uses_critic and ppo.critic_init == "pm" and self.pm.base_model not in (None, self.model.name):
             raise ValueError(f"ppo.critic_init is 'pm' but pm.base_model ({self.pm.base_model}) is not the policy "
                              f"({self.model.name}): the critic reads the policy's token ids, which another "
                              f"tokenizer does not share (set ppo.critic_init: policy)")
@@ -353,53 +403,6 @@ class Config(Strict):
         if self.synthesize.min_chars > self.synthesize.max_chars:
             raise ValueError("synthesize.min_chars must be <= synthesize.max_chars")
         return self
-
-
-# Which model fields a stage loads (the judge's model defaults to the policy model).
-_MODEL_FIELDS = {
-    "synthesize": ["model.name"], "respond": ["model.name"], "rank": ["model.name", "judge.model"],
-    "train-pm": ["model.name", "pm.base_model"], "train-ppo": ["model.name", "pm.base_model"],
-    "evaluate": ["model.name", "evaluate.judge.model"],
-}
-
-
-def check_stage_config(config: Config, stage: str) -> None:
-    """Constraints that only matter to one stage, checked before that stage (or `run`) starts."""
-    origin = config.source or "<config>"
-    for field in _MODEL_FIELDS.get(stage, []):
-        section, _, key = field.rpartition(".")
-        node = config
-        for part in section.split("."):
-            node = getattr(node, part)
-        name = getattr(node, key)
-        from character.models import model_problem
-
-        if name is not None and (why := model_problem(name)) is not None:
-            raise ConfigError(f"{origin}: field '{field}': {why}")
-    if stage in ("train-pm", "train-ppo"):
-        from character.train_common import read_deepspeed_json, zero_stage
-
-        if zero_stage(read_deepspeed_json(config.train.deepspeed_config)) == 0:
-            raise ConfigError(f"{origin}: field 'train.deepspeed_config': {config.train.deepspeed_config} uses ZeRO stage 0, "
-                              f"whose fp32 optimizer steps on non-finite gradients instead of skipping them; use "
-                              f"configs/deepspeed/zero1.json, zero2.json or zero3.json")
-    if stage in ("train-pm", "train-ppo") and config.train.lora.enabled:
-        from character.lora import target_problem
-
-        model = config.pm.base_model or config.model.name if stage == "train-pm" else config.model.name
-        if (why := target_problem(model, config.train.lora)) is not None:
-            raise ConfigError(f"{origin}: field 'train.lora.target_modules': {why}")
-    if stage in ("train-pm", "train-ppo") and not isinstance(config.train.num_workers, int):
-        from character.train_common import read_deepspeed_json, zero_stage
-
-        if zero_stage(read_deepspeed_json(config.train.deepspeed_config)) == 3:
-            raise ConfigError(f"{origin}: field 'train.num_workers': a range {list(config.train.num_workers)} (elastic "
-                              f"group) with ZeRO-3 ({config.train.deepspeed_config}): DeepSpeed cannot load stage-3 "
-                              f"checkpoints on another number of workers; use a fixed number, or ZeRO-1/2")
-    if stage == "train-ppo" and config.ppo.sampling.max_tokens + config.ppo.max_prompt_tokens > config.engine.max_model_len:
-        raise ConfigError(f"{origin}: field 'ppo.max_prompt_tokens': {config.ppo.max_prompt_tokens} prompt tokens + "
-                          f"{config.ppo.sampling.max_tokens} new tokens do not fit engine.max_model_len "
-                          f"{config.engine.max_model_len}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:

@@ -14,6 +14,43 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p_chose
     return -(p_chosen * F.logsigmoid(delta - margin) + (1.0 - p_chosen) * F.logsigmoid(-delta - margin)).mean()
 
 
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, p_chosen: torch.Tensor, beta: float):
+    """DPO (Rafailov et al.) on summed response log-probs [N]: the Bradley-Terry loss above on the implicit
+    rewards beta * (log pi - log ref). With soft labels p it is conservative DPO's label smoothing, eps = 1 - p:
+    -[(1 - eps) log sigma(h) + eps log sigma(-h)]. Returns (loss, chosen rewards, rejected rewards)."""
+    reward_chosen = beta * (policy_chosen - ref_chosen)
+    reward_rejected = beta * (policy_rejected - ref_rejected)
+    return bradley_terry_loss(reward_chosen, reward_rejected, p_chosen), reward_chosen, reward_rejected
+
+
+def chosen_nll(logp_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """DPO's NLL term (RPO, Open Character Training's nll_loss_coef): each chosen response's mean per-token
+    negative log-likelihood, averaged over pairs (so long answers do not outweigh short ones)."""
+    return (-logp_sum / n_tokens.clamp(min=1)).mean()
+
+
+def group_advantages(scores: torch.Tensor, method: str, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages of K samples per prompt, scores [G, K] -> [G, K]; the group is the baseline.
+    grpo: (r - mean) / (std + eps), std with Bessel's correction as TRL and verl compute it; scale_by_std
+    False is Dr. GRPO (r - mean). rloo: r_i minus the mean of the other K - 1 samples = K / (K - 1) (r - mean).
+    A group whose samples all score the same gets 0 everywhere: it carries no signal."""
+    k = scores.shape[-1]
+    if k < 2:
+        raise ValueError(f"group advantages need >= 2 samples per prompt, got {k}")
+    centered = scores - scores.mean(-1, keepdim=True)
+    if method == "rloo":
+        return centered * (k / (k - 1))
+    if method == "grpo":
+        return centered / (scores.std(-1, keepdim=True) + eps) if scale_by_std else centered
+    raise ValueError(f"unknown group advantage {method!r} (grpo or rloo)")
+
+
+def zero_variance_groups(scores: torch.Tensor) -> torch.Tensor:
+    """Per group [G]: True where every sample scored the same (its advantages are all 0)."""
+    return scores.amax(-1) == scores.amin(-1)
+
+
 def kl_per_token(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL(policy || reference) estimates from sampled tokens (Schulman's k1 / k3).
     k1 = log p - log q (unbiased, can be negative); k3 = (r - 1) - log r with r = q / p (unbiased, >= 0)."""

@@ -44,14 +44,19 @@ def encode_response(tokenizer, prompt: str, response: str, max_length: int) -> l
     """Chat-formatted prompt + response + eos, at most max_length tokens. Too long: the prompt keeps its
     end (at least half the budget when the response is long), the response keeps its start, and the
     sequence always ends with eos, the position the reward head reads."""
+    head, tail = encode_prompt_and_response(tokenizer, prompt, response, max_length)
+    return head + tail
+
+
+def encode_prompt_and_response(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """`encode_response` as its two parts: the prompt's tokens and the response's (eos included)."""
     head = chat_prefix(tokenizer, prompt)
     tail = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(head) + len(tail) <= max_length:
-        return head + tail
+        return head, tail
     head_budget = min(len(head), max(max_length // 2, max_length - len(tail)))
     head = head[len(head) - head_budget:]
-    tail = tail[: max_length - len(head) - 1] + [tokenizer.eos_token_id]
-    return head + tail
+    return head, tail[: max_length - len(head) - 1] + [tokenizer.eos_token_id]
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int):

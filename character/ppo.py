@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from character.losses import gae, kl_per_token, whiten
+from character.losses import gae, group_advantages, kl_per_token, whiten
 
 
 @dataclass
@@ -131,3 +131,13 @@ def advantages_and_returns(rewards, values, mask, gamma: float, lam: float, whit
     if whiten_adv:
         adv = whiten(adv, mask)
     return adv, ret
+
+
+def group_token_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, samples_per_prompt: int,
+                           method: str, scale_by_std: bool, kl_coef: float) -> torch.Tensor:
+    """Critic-free advantages [B, L-1] for rows that come in groups of `samples_per_prompt` consecutive samples
+    of one prompt: each sequence's return (score - kl_coef * its summed KL; kl_coef 0 when the KL is a loss term)
+    against its group (losses.group_advantages), the same on every response token of the sequence."""
+    returns = scores - kl_coef * (kl * mask).sum(-1)
+    advantages = group_advantages(returns.view(-1, samples_per_prompt), method, scale_by_std).view(-1)
+    return advantages[:, None] * mask

@@ -1,6 +1,7 @@
 """The model side of one PPO iteration, for character/ppo_trainer.py: the DeepSpeed engines (policy, critic,
-reference; LoRA or full), the scoring forwards (log-probabilities, values, rewards, advantages) and the
-clipped updates over minibatches with gradient accumulation."""
+reference; LoRA or full), the scoring forwards (log-probabilities, values, rewards, advantages: GAE with the
+critic, or the group baseline of GRPO / RLOO without one) and the clipped updates over minibatches with
+gradient accumulation."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,7 +13,8 @@ from character.store import StageOutput
 
 
 def build_models(config: Config, world: int):
-    """Policy and critic (trained), reference (frozen) as DeepSpeed engines; the sequence scorer.
+    """Policy and critic (trained), reference (frozen) as DeepSpeed engines; the sequence scorer. No critic
+    (None) for the critic-free advantages (ppo.advantage grpo / rloo).
 
     With train.lora the policy and the critic are peft models, each on its own frozen base: the critic's
     base is the PM (ppo.critic_init: pm), whose weights are not the policy's, so one shared base would
@@ -20,7 +22,7 @@ def build_models(config: Config, world: int):
     rate, one ZeRO partitioning). The reference is the policy with its adapter disabled: no second copy."""
     import deepspeed
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers import AutoModelForCausalLM
 
     from character import lora
     from character.models import resolve_model
@@ -36,6 +38,23 @@ def build_models(config: Config, world: int):
                              adapters, "policy")
     policy, *_ = deepspeed.initialize(model=policy_model, config=ds,
                                       optimizer=adamw(lora.trainable(policy_model), lr=cfg.lr))
+    critic = build_critic(config, ds, dtype, base) if cfg.uses_critic else None
+    policy.train()  # from_pretrained returns eval mode: LoRA dropout would never apply
+    reference = None if adapters.enabled else frozen_engine(
+        build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds), ds)
+    scorer = SequenceScorer(config, build=lambda factory: frozen_engine(build_under_zero(factory, ds), ds))
+    return policy, critic, reference, scorer, policy_model, micro
+
+
+def build_critic(config: Config, ds: dict, dtype, base: str):
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    from character import lora
+    from character.models import resolve_model
+    from character.train_common import adamw, build_under_zero
+
+    cfg, adapters = config.ppo, config.train.lora
     critic_src = resolve_model(StageOutput(config.run.output_dir, "pm").path()) if cfg.critic_init == "pm" else base
     critic_config = AutoConfig.from_pretrained(critic_src, num_labels=1)
     # No dropout in the value head (HF's token classifiers default to 0.1): the values of the clipped value
@@ -45,12 +64,8 @@ def build_models(config: Config, world: int):
         critic_src, config=critic_config, dtype=dtype), ds), adapters, "critic")
     critic, *_ = deepspeed.initialize(model=critic_model, config=ds,
                                       optimizer=adamw(lora.trainable(critic_model), lr=cfg.critic_lr))
-    policy.train()  # from_pretrained returns eval mode: LoRA dropout would never apply
     critic.train()
-    reference = None if adapters.enabled else frozen_engine(
-        build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds), ds)
-    scorer = SequenceScorer(config, build=lambda factory: frozen_engine(build_under_zero(factory, ds), ds))
-    return policy, critic, reference, scorer, policy_model, micro
+    return critic
 
 
 def logprobs(engine, roll, cfg, with_entropy: bool = False):
@@ -92,42 +107,60 @@ def values(engine, roll, cfg):
 
 
 def score(models, roll, batch, outs, pad, beta, cfg):
-    """Rewards, advantages and the statistics of one rollout batch (no gradients)."""
+    """Rewards, advantages and the statistics of one rollout batch (no gradients). Rows come in groups of
+    `cfg.samples_per_prompt` samples of one prompt. Returns (old log-probs, reference log-probs, old values,
+    advantages, returns, scores, stats); values and returns are None without a critic."""
     import torch
 
     from character import ppo
-    from character.losses import masked_mean
+    from character.losses import masked_mean, zero_variance_groups
 
     policy, critic, reference, scorer = models
     scores = scorer([r["text"] for r in batch], [o["text"] for o in outs], [o["finish_reason"] for o in outs])
     real = torch.tensor([0.0 if p else 1.0 for p in pad])
     roll.mask = roll.mask * real[:, None]  # padding rows weigh nothing: no reward, KL, advantage or loss
-    with torch.no_grad(), eval_mode(policy, critic):
+    with torch.no_grad(), eval_mode(*[m for m in (policy, critic) if m is not None]):
         old_logp, entropy = logprobs(policy, roll, cfg, with_entropy=True)
         ref_logp = reference_logprobs(policy, reference, roll, cfg)
-        old_values = values(critic, roll, cfg)
-    rewards, kl = ppo.shaped_rewards(scores * real, old_logp, ref_logp, roll.mask, beta, cfg.kl_estimator)
-    adv, returns = ppo.advantages_and_returns(rewards, old_values, roll.mask, cfg.gamma, cfg.lam,
-                                              cfg.whiten_advantages)
+        old_values = values(critic, roll, cfg) if critic is not None else None
+    reward_beta = beta if cfg.kl_penalty == "reward" else 0.0  # "loss": the KL enters the policy loss instead
+    rewards, kl = ppo.shaped_rewards(scores * real, old_logp, ref_logp, roll.mask, reward_beta, cfg.kl_estimator)
     n_real = float(real.sum())
     stats = {"reward": float((scores * real).sum()) / max(n_real, 1.0),
              "kl": float((kl.sum(-1) * real).sum()) / max(n_real, 1.0),
              "entropy": float(masked_mean(entropy, roll.mask))}
-    return old_logp, old_values, adv, returns, scores, kl, stats
+    if critic is not None:
+        adv, returns = ppo.advantages_and_returns(rewards, old_values, roll.mask, cfg.gamma, cfg.lam,
+                                                  cfg.whiten_advantages)
+    else:
+        k = cfg.samples_per_prompt
+        adv = ppo.group_token_advantages(scores * real, kl, roll.mask, k, cfg.advantage, cfg.group_std, reward_beta)
+        returns = None
+        real_groups = real.view(-1, k)[:, 0] > 0
+        flat = zero_variance_groups(scores.view(-1, k))
+        stats["zero_variance_groups"] = float(flat[real_groups].float().mean()) if bool(real_groups.any()) else 0.0
+    return old_logp, ref_logp, old_values, adv, returns, scores, stats
 
 
-def train(policy, critic, roll, old_logp, old_values, adv, returns, cfg, seed: int, iteration: int, micro: int):
-    """`ppo_epochs` passes over the batch in minibatches; each minibatch is one optimizer step of policy and
-    critic, its `micro`-sequence pieces accumulated (train_common.accumulation_step skips the whole step on
-    every rank if any piece's loss is not finite). Returns the losses and the number of skipped steps."""
+def train(policy, critic, roll, old, beta, cfg, seed: int, iteration: int, micro: int):
+    """`ppo_epochs` passes over the batch in minibatches; each minibatch is one optimizer step of the policy
+    (and the critic, if any), its `micro`-sequence pieces accumulated (train_common.accumulation_step skips
+    the whole step on every rank if any piece's loss is not finite). `old`: (log-probs, reference log-probs,
+    values, advantages, returns) from `score`. With ppo.kl_penalty "loss", beta times the k3 KL to the
+    reference joins the policy loss (GRPO's choice: k3 is >= 0 and its gradient points towards the reference;
+    k1's has expectation zero). Returns the losses and the number of skipped steps."""
     import torch
 
     from character import ppo
-    from character.losses import clipped_policy_loss, clipped_value_loss
+    from character.losses import clipped_policy_loss, clipped_value_loss, kl_per_token, masked_mean
     from character.train_common import accumulation_step
 
+    old_logp, ref_logp, old_values, adv, returns = old
     n, accum = roll.input_ids.shape[0], cfg.minibatch_size // micro
-    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": []}
+    kl_loss = cfg.kl_penalty == "loss"
+    names = ["policy_loss"] + (["value_loss"] if critic is not None else [])
+    stats: dict[str, list[float]] = {name: [] for name in names + ["clip_frac"] + (["kl_loss"] if kl_loss else [])}
+    engines = [policy] + ([critic] if critic is not None else [])
     skipped = 0
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + iteration))
@@ -143,13 +176,19 @@ def train(policy, critic, roll, old_logp, old_values, adv, returns, cfg, seed: i
                 sub = ppo.Rollouts(roll.input_ids[idx], roll.attention_mask[idx], roll.mask[idx], [])
                 logp, _ = logprobs(policy, sub, cfg)
                 pg_loss, clip_frac = clipped_policy_loss(logp, old_logp[idx], adv[idx], sub.mask, cfg.clip)
-                v_loss = clipped_value_loss(values(critic, sub, cfg), old_values[idx], returns[idx], sub.mask,
-                                            cfg.value_clip)
                 stats["clip_frac"].append(float(clip_frac))
-                return [pg_loss * weight, v_loss * weight]
+                if kl_loss:
+                    kl = masked_mean(kl_per_token(logp, ref_logp[idx], "k3"), sub.mask)
+                    stats["kl_loss"].append(float(kl))
+                    pg_loss = pg_loss + beta * kl
+                out = [pg_loss * weight]
+                if critic is not None:
+                    out.append(clipped_value_loss(values(critic, sub, cfg), old_values[idx], returns[idx], sub.mask,
+                                                  cfg.value_clip) * weight)
+                return out
 
-            losses, applied = accumulation_step([policy, critic], micro_losses, accum)
+            losses, applied = accumulation_step(engines, micro_losses, accum)
             skipped += not applied
-            stats["policy_loss"] += [x[0] for x in losses]
-            stats["value_loss"] += [x[1] for x in losses]
+            for k, name in enumerate(names):
+                stats[name] += [x[k] for x in losses]
     return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}, skipped

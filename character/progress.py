@@ -39,14 +39,19 @@ def stage_work(config: Config, n_traits: int, n_seed_questions: int) -> dict[str
         judging = messages * comb(k, 2) * 2 * (PROMPT_TOKENS + 2 * answer)  # both orders, two answers shown
     else:
         judging = 0.0
-    pm_tokens = messages * pairs_per_message * (1 - pm.eval_fraction) * pm.epochs * 2 * (pm.max_length / 2)
-    if pm.max_steps:
-        pm_tokens = min(pm_tokens, pm.max_steps * pm.micro_batch_size * pm.grad_accum * 2 * pm.max_length / 2)
-    rollout = ppo.prompts_per_iteration * (PROMPT_TOKENS + ppo.sampling.max_tokens)
-    # Per iteration: generation, scoring by policy, reference, critic and reward (4 forward passes), then per PPO
-    # epoch policy and critic training; held-out evaluations generate and score.
-    per_iteration = rollout * (4 * HF_FORWARD + 2 * TRAIN_PASS * ppo.ppo_epochs)
-    ppo_tokens = ppo.iterations * (ppo.prompts_per_iteration * ppo.sampling.max_tokens * 2 + per_iteration)
+    pm_tokens = _pair_tokens(pm, messages * pairs_per_message)
+    dpo = config.dpo
+    # DPO: the policy's training passes, plus the reference's forward passes: once per pair (precomputed) or
+    # per training pass (a frozen reference engine).
+    dpo_pairs = messages * pairs_per_message
+    reference = dpo_pairs * 2 * (dpo.max_length / 2) if dpo.precompute_reference else _pair_tokens(dpo, dpo_pairs)
+    samples = ppo.prompts_per_iteration * ppo.samples_per_prompt
+    rollout = samples * (PROMPT_TOKENS + ppo.sampling.max_tokens)
+    # Per iteration: generation, scoring by policy, reference, critic and reward (4 forward passes; 3 without a
+    # critic), then per PPO epoch policy and critic training; held-out evaluations generate and score.
+    models = 2 if ppo.uses_critic else 1
+    per_iteration = rollout * ((2 + models) * HF_FORWARD + models * TRAIN_PASS * ppo.ppo_epochs)
+    ppo_tokens = ppo.iterations * (samples * ppo.sampling.max_tokens * 2 + per_iteration)
     ppo_tokens += (ppo.iterations // ppo.eval_every + 1) * ppo.eval_prompts * (ppo.sampling.max_tokens * 2 + PROMPT_TOKENS)
     eval_messages = n_traits * (ev.max_messages_per_trait + ev.adversarial_per_trait)
     generations = 2 * eval_messages * ev.samples * (PROMPT_TOKENS + ev.sampling.max_tokens * 2)
@@ -58,9 +63,19 @@ def stage_work(config: Config, n_traits: int, n_seed_questions: int) -> dict[str
         "rank": judging,
         "train-pm": TRAIN_PASS * pm_tokens,
         "train-ppo": ppo_tokens,
+        "train-dpo": TRAIN_PASS * _pair_tokens(dpo, dpo_pairs) + HF_FORWARD * reference,
         "evaluate": generations + scoring,
         "report": 0.0,
     }
+
+
+def _pair_tokens(cfg, pairs: float) -> float:
+    """Tokens through a pair-training stage (train-pm, train-dpo): both sides of every training pair, once per
+    epoch, sequences of about half their maximal length."""
+    tokens = pairs * (1 - cfg.eval_fraction) * cfg.epochs * 2 * (cfg.max_length / 2)
+    if cfg.max_steps:
+        tokens = min(tokens, cfg.max_steps * cfg.micro_batch_size * cfg.grad_accum * 2 * cfg.max_length / 2)
+    return tokens
 
 
 def _clock(seconds: float) -> str:

@@ -80,14 +80,16 @@ class RolloutEngine:
         self.version = 0
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: dict) -> list[dict]:
+        """`sampling.n` samples per prompt (one request each: vLLM seeds sample j with seed + j), returned
+        prompt by prompt, the n samples of a prompt consecutive."""
         from vllm import SamplingParams
 
         s = SamplingConfig.model_validate(sampling)
-        params = [SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
+        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
                   for seed in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
-                 "finish_reason": str(o.outputs[0].finish_reason or "length")} for o in outs]
+        return [{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason or "length")}
+                for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
 
     def update_weights(self, arrays: dict, tie_word_embeddings: bool, version: int) -> int:
         """`arrays`: name -> numpy array (arrays_for_engines), read in place from the object store."""

@@ -15,7 +15,7 @@ from character.store import StageInputError, StageOutput, stable_id  # noqa: F40
 
 # Output folder -> the command that writes it (for messages that name the upstream stage).
 WRITER = {"messages": "synthesize", "responses": "respond", "preferences": "rank", "pm": "train-pm",
-          "policy": "train-ppo", "eval": "evaluate"}
+          "policy": "train-ppo", "dpo": "train-dpo", "eval": "evaluate"}
 
 log = logging.getLogger("character")
 

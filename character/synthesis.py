@@ -20,7 +20,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from character import schemas
-from character.config import Config, check_stage_config
+from character.config import Config
+from character.stage_checks import check_stage_config
 from character.dedupe import content_reason, drop_reasons, extract_message, near_duplicates_of
 from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
 from character.prompts import SYNTH_SYSTEM, synthesis_prompt

@@ -321,10 +321,14 @@ RESUME_SETTINGS = {
     "pm": ("model.name", "pm.base_model", "run.seed", "pm.micro_batch_size", "pm.grad_accum", "pm.lr",
            "pm.weight_decay", "pm.max_length", "pm.margin", "pm.eval_fraction", "train.dtype",
            "train.deepspeed_config", "train.lora"),
-    "policy": ("model.name", "run.seed", "ppo.reward", "ppo.critic_init", "ppo.prompts_per_iteration",
+    "policy": ("model.name", "run.seed", "ppo.reward", "ppo.advantage", "ppo.samples_per_prompt", "ppo.group_std",
+               "ppo.kl_penalty", "ppo.critic_init", "ppo.prompts_per_iteration",
                "ppo.minibatch_size", "ppo.ppo_epochs", "ppo.lr", "ppo.critic_lr", "ppo.kl_coef", "ppo.kl_target",
                "ppo.kl_estimator", "ppo.sampling", "ppo.max_prompt_tokens", "ppo.eval_fraction", "train.dtype",
                "train.deepspeed_config", "train.lora"),
+    "dpo": ("model.name", "run.seed", "dpo.micro_batch_size", "dpo.grad_accum", "dpo.lr", "dpo.weight_decay",
+            "dpo.max_length", "dpo.eval_fraction", "dpo.beta", "dpo.soft_labels", "dpo.nll_coef",
+            "dpo.precompute_reference", "train.dtype", "train.deepspeed_config", "train.lora"),
 }
 SETTINGS_FILE = "resume_settings.json"
 

@@ -37,3 +37,21 @@ def tiny_config(output_dir: Path | str, *overrides: str):
 @pytest.fixture(scope="session")
 def make_config():
     return tiny_config
+
+
+# Preferences labelled by the rule judge ("fewer words is better") on tiny-model candidates.
+RULE_PAIRS = ["judge.kind=rule", "judge.rule.type=length", "judge.rule.target_words=0", "judge.rule.temperature=1.0",
+              "rank.tie_margin=0.3"]
+
+
+@pytest.fixture(scope="session")
+def preferences(tmp_path_factory, ray_local):
+    """Rule-labelled pairs from 100 messages per trait (synthesize, respond, rank), shared by the PM and DPO
+    tests: returns the preferences/ folder (messages/ and responses/ beside it)."""
+    from character.stages import rank, respond, synthesize
+
+    root = tmp_path_factory.mktemp("pair-data")
+    config = tiny_config(root, "synthesize.messages_per_trait=100", *RULE_PAIRS)
+    for stage in (synthesize, respond, rank):
+        stage.run(config)
+    return root / "preferences"

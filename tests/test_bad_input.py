@@ -56,25 +56,31 @@ def _pair(message: str, k: int) -> dict:
             "judge": "rule:keywords", "chosen_score": 1.0, "rejected_score": 0.0}
 
 
-def test_train_pm_with_zero_or_too_few_pairs_fails_before_ray(tmp_path, make_config, monkeypatch):
-    from character.splits import pm_validation
-    from character.stages import train_pm
+@pytest.mark.parametrize("command,section,output", [("train-pm", "pm", "pm"), ("train-dpo", "dpo", "dpo")])
+def test_pair_training_with_zero_or_too_few_pairs_fails_before_ray(tmp_path, make_config, monkeypatch, command,
+                                                                  section, output):
+    import importlib
 
-    _no_ray(monkeypatch, train_pm)
+    from character import pair_trainer
+    from character.splits import pm_validation
+
+    stage = importlib.import_module(f"character.stages.{command.replace('-', '_')}")
+    _no_ray(monkeypatch, pair_trainer)
     _preferences(tmp_path, [], {"stage": "preferences", "rows_in": 5, "rows_out": 0, "drops": {"tie": 30}})
     config = make_config(tmp_path)
-    with pytest.raises(StageInputError, match=r"train-pm: 0 usable preference pairs; rank kept 0 of 5 \(tie=30\)"):
-        train_pm.run(config)
+    with pytest.raises(StageInputError, match=rf"{command}: 0 usable preference pairs; rank kept 0 of 5 \(tie=30\)"):
+        stage.run(config)
     # Three pairs of one message: all on one side of the validation carve-out, the other side empty.
     StageOutput(str(tmp_path), "preferences").reset()
     message = "m-one"
     _preferences(tmp_path, [_pair(message, k) for k in range(3)], {"stage": "preferences", "rows_in": 1, "rows_out": 3})
-    side = "validation" if pm_validation(message, config.pm.eval_fraction) else "training"
-    with pytest.raises(StageInputError, match=r"train-pm: 3 pairs from 1 messages split .* into "
+    side = "validation" if pm_validation(message, 0.2) else "training"
+    with pytest.raises(StageInputError, match=rf"{command}: 3 pairs from 1 messages split \(by message, "
+                                              rf"{section}.eval_fraction=0.2\) into "
                                               + (r"0 training and 3 validation" if side == "validation"
                                                  else r"3 training and 0 validation")):
-        train_pm.run(config)
-    assert not StageOutput(str(tmp_path), "pm").complete()
+        stage.run(config)
+    assert not StageOutput(str(tmp_path), output).complete()
 
 
 def test_train_ppo_with_too_few_training_prompts_fails_before_ray(tmp_path, make_config, monkeypatch):

@@ -54,6 +54,9 @@ def test_cross_field_checks():
     (["ppo.minibatch_size=6", "ppo.forward_batch_size=4"], "ppo.forward_batch_size"),
     (["ppo.kl_target=6", "ppo.kl_coef=0"], "ppo.kl_coef"),
     (["train.dtype=float16"], "float16"),
+    # GRPO / RLOO with one sample per prompt: every group's baseline is the sample itself, every advantage 0
+    (["ppo.advantage=grpo"], "ppo.samples_per_prompt >= 2"),
+    (["ppo.advantage=rloo", "ppo.samples_per_prompt=1"], "ppo.samples_per_prompt >= 2"),
 ])
 def test_silently_wrong_combinations_fail_before_compute(repo, overrides, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -61,7 +64,7 @@ def test_silently_wrong_combinations_fail_before_compute(repo, overrides, needle
 
 
 def test_elastic_workers_with_zero3_are_refused_before_training(repo):
-    from character.config import check_stage_config
+    from character.stage_checks import check_stage_config
 
     cfg = load_config(repo / "configs/tiny.yaml", ["train.num_workers=[1,2]",
                                                    f"train.deepspeed_config={repo / 'configs/deepspeed/zero3.json'}"])
@@ -124,7 +127,7 @@ def test_cli_fails_before_ray_starts(tmp_path, repo, content, needle):
 
 
 def test_cluster_config_validates(repo):
-    from character.config import check_stage_config
+    from character.stage_checks import check_stage_config
 
     cfg = load_config(repo / "configs/cluster.yaml")
     assert cfg.train.num_workers == 8 and cfg.engine.actors.max == 16
@@ -137,7 +140,7 @@ def test_cluster_config_validates(repo):
 def test_models_that_cannot_load_fail_naming_the_field(tmp_path, repo, monkeypatch):
     """A missing local folder, a folder without config.json, or (offline) a hub id not in the cache: a
     config error naming the field, before any stage starts; built-ins and cached hub ids pass."""
-    from character.config import check_stage_config
+    from character.stage_checks import check_stage_config
     from character.models import model_problem
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

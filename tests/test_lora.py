@@ -107,7 +107,8 @@ def test_lora_settings_are_validated_and_part_of_the_resume_settings(tmp_path):
 
 
 def test_target_modules_that_match_no_layer_are_a_config_error_before_any_compute(tmp_path):
-    from character.config import ConfigError, check_stage_config, config_from_dict
+    from character.config import ConfigError, config_from_dict
+    from character.stage_checks import check_stage_config
 
     good = config_from_dict({"run": {"output_dir": str(tmp_path)}}, overrides=[
         "train.lora.rank=4", "train.lora.target_modules=[self_attn.q_proj,v_proj]"])

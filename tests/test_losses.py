@@ -103,3 +103,80 @@ def test_adaptive_kl_moves_towards_target():
     ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
     assert ctl.update(kl=3.0, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
     assert AdaptiveKLController(0.1, None, 100).update(5.0, 10) == 0.1
+
+
+# --- DPO -------------------------------------------------------------------------------------------------------
+# log pi(chosen) = -10, log pi(rejected) = -12, reference -11 for both, beta 0.1:
+# h = 0.1 * ((-10 + 11) - (-12 + 11)) = 0.2; log sigma(0.2) = -0.5981388693, log sigma(-0.2) = -0.7981388693.
+DPO_ARGS = (torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]))
+
+
+def test_dpo_loss_with_a_hard_label_by_hand():
+    from character.losses import dpo_loss
+
+    loss, r_chosen, r_rejected = dpo_loss(*DPO_ARGS, torch.tensor([1.0]), beta=0.1)
+    assert float(loss) == pytest.approx(0.5981388693, rel=1e-6)
+    assert float(r_chosen) == pytest.approx(0.1) and float(r_rejected) == pytest.approx(-0.1)
+
+
+def test_dpo_soft_label_is_conservative_dpo_label_smoothing():
+    from character.losses import dpo_loss
+
+    loss, _, _ = dpo_loss(*DPO_ARGS, torch.tensor([0.8]), beta=0.1)
+    # cDPO with eps = 1 - p = 0.2: 0.8 * 0.5981388693 + 0.2 * 0.7981388693
+    assert float(loss) == pytest.approx(0.6381388693, rel=1e-6)
+    # beta scales h: beta 1.0 gives h = 2.0, log sigma(2) = -0.1269280110
+    loss, _, _ = dpo_loss(*DPO_ARGS, torch.tensor([1.0]), beta=1.0)
+    assert float(loss) == pytest.approx(0.1269280110, rel=1e-6)
+
+
+def test_dpo_nll_term_is_the_mean_per_token_nll_of_chosen():
+    from character.losses import chosen_nll
+
+    # -(-10 / 5) = 2 and -(-3 / 1) = 3: mean 2.5, whatever the lengths
+    assert float(chosen_nll(torch.tensor([-10.0, -3.0]), torch.tensor([5.0, 1.0]))) == pytest.approx(2.5)
+
+
+# --- critic-free advantages ---------------------------------------------------------------------------------------
+# One group [1, 2, 3, 6]: mean 3, centred [-2, -1, 0, 3], unbiased std sqrt(14 / 3) = 2.1602468995.
+GROUP = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+
+
+def test_grpo_divides_by_the_group_std_and_dr_grpo_does_not():
+    from character.losses import group_advantages
+
+    grpo = group_advantages(GROUP, "grpo", eps=0.0)
+    assert grpo[0].tolist() == pytest.approx([-0.9258200998, -0.4629100499, 0.0, 1.3887301497], rel=1e-6)
+    assert group_advantages(GROUP, "grpo", scale_by_std=False)[0].tolist() == pytest.approx([-2.0, -1.0, 0.0, 3.0])
+
+
+def test_rloo_is_each_reward_minus_the_mean_of_the_others():
+    from character.losses import group_advantages
+
+    # 1 - (2+3+6)/3, 2 - (1+3+6)/3, 3 - (1+2+6)/3, 6 - (1+2+3)/3
+    expected = [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]
+    assert group_advantages(GROUP, "rloo")[0].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_group_that_scores_the_same_gets_zero_advantage_and_is_counted():
+    from character.losses import group_advantages, zero_variance_groups
+
+    scores = torch.tensor([[5.0, 5.0, 5.0], [0.0, 1.0, 0.0]])
+    for method in ("grpo", "rloo"):
+        assert group_advantages(scores, method)[0].tolist() == [0.0, 0.0, 0.0]
+    assert zero_variance_groups(scores).tolist() == [True, False]
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        group_advantages(torch.tensor([[1.0], [2.0]]), "grpo")
+
+
+def test_group_token_advantages_put_the_kl_shaped_return_on_every_response_token():
+    from character.ppo import group_token_advantages
+
+    scores = torch.tensor([1.0, 3.0, 0.0, 0.0])  # two groups of two; the second is padding (mask 0)
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    kl = torch.tensor([[9.0, 0.5, 0.5], [0.25, 0.25, 9.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    # returns 1 - 2 * (0.5 + 0.5) = -1 and 3 - 2 * 0.5 = 2 (masked KL only); RLOO: -3 and 3
+    adv = group_token_advantages(scores, kl, mask, 2, "rloo", True, kl_coef=2.0)
+    assert adv.tolist() == [[0.0, -3.0, -3.0], [3.0, 3.0, 0.0], [0.0] * 3, [0.0] * 3]
+    # KL as a loss term (kl_coef 0 here): the raw scores 1 and 3, RLOO -2 and 2
+    assert group_token_advantages(scores, kl, mask, 2, "rloo", True, 0.0)[0].tolist() == [0.0, -2.0, -2.0]

@@ -222,7 +222,10 @@ def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
     assert checked >= 11
 
 
-def test_character_run_skips_complete_stages_and_redoes_after_a_deleted_one(submitted_run, repo):
+def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_dpo(submitted_run, repo):
+    """A rerun finds nothing to do; the same run with policy.method dpo reuses synthesize, respond and rank,
+    trains dpo/ from their pairs (LoRA, the reference log-probs from the adapter-disabled policy per batch)
+    and redoes evaluate and report, which now compare the base with dpo/ by the DPO implicit reward."""
     import pyarrow.fs as pafs
 
     run_uri, _ = submitted_run
@@ -239,13 +242,24 @@ def test_character_run_skips_complete_stages_and_redoes_after_a_deleted_one(subm
     assert "nothing to do: every stage is complete" in again.stdout
     assert "Started a local Ray instance" not in again.stdout + again.stderr  # no work, not even a Ray
     before = {s: committed(s) for s in ("messages", "responses", "preferences", "pm", "policy")}
-    # A deleted stage in the middle of the chain (a deleted policy/ is redone in test_train_ppo).
-    fs.delete_dir(f"{root}/eval")
-    redo = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
-    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
-    assert "stages run: evaluate, report" in redo.stdout
+    dpo = subprocess.run(cmd + ["policy.method=dpo", "dpo.epochs=1", "dpo.micro_batch_size=2", "dpo.lr=1e-3",
+                                "dpo.precompute_reference=false"],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+    assert dpo.returncode == 0, dpo.stdout[-3000:] + dpo.stderr[-3000:]
+    assert "stages run: train-dpo, evaluate, report" in dpo.stdout
     assert {s: committed(s) for s in before} == before
-    assert {"eval/_SUCCESS", "eval/summary.json", "report/_SUCCESS"} <= _bucket_files(run_uri)
+    assert {"dpo/_SUCCESS", "dpo/metrics.json", "dpo/adapter/adapter_model.safetensors", "eval/_SUCCESS",
+            "report/_SUCCESS"} <= _bucket_files(run_uri)
+    with fs.open_input_stream(f"{root}/eval/summary.json") as f:
+        summary = json.loads(f.read())
+    assert summary["trained_model"] == f"{run_uri}/dpo" and summary["score"] == "DPO implicit reward"
+    with fs.open_input_stream(f"{root}/dpo/metrics.json") as f:
+        metrics = json.loads(f.read())
+    assert metrics["reference"] == "online" and metrics["train_pairs"] > 0 and metrics["eval_pairs"] > 0
+    with fs.open_input_stream(f"{root}/report/index.html") as f:
+        page = _Page()
+        page.feed(f.read().decode())
+    assert {"fig-dpo-calibration", "fig-score-shift", "fig-win-rate"} <= set(page.images)
 
 
 def test_the_evaluation_is_held_out_from_every_training_input(submitted_run, make_config):

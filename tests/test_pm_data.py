@@ -5,7 +5,7 @@ import pytest
 from character.models import load_tokenizer
 from character.pm_data import (encode_response, epoch_order, is_held_out, micro_batch_indices, pad_batch,
                                step_slice, steps_left, validate_pairs)
-from character.stages.train_pm import pm_metrics
+from character.pair_trainer import pair_metrics as pm_metrics
 from character.train_common import NonFiniteError, NonFiniteGuard
 
 

@@ -2,20 +2,32 @@
 import pytest
 
 from character import progress
-from character.cli import PIPELINE
+from character.cli import STAGES, pipeline
 from character.config import load_config
 
 
 def test_every_stage_has_a_work_estimate_that_grows_with_its_size(repo):
     config = load_config(repo / "configs/small.yaml")
     work = progress.stage_work(config, n_traits=4, n_seed_questions=16)
-    assert list(work) == PIPELINE and work["report"] == 0
-    assert all(work[s] > 0 for s in PIPELINE if s != "report")
+    assert set(work) == set(STAGES) and work["report"] == 0
+    assert all(work[s] > 0 for s in STAGES if s != "report")
     bigger = progress.stage_work(load_config(repo / "configs/small.yaml", ["ppo.iterations=8"]), 4, 16)
     assert bigger["train-ppo"] > 1.9 * work["train-ppo"] and bigger["respond"] == work["respond"]
     rule = progress.stage_work(load_config(repo / "configs/small.yaml", ["judge.kind=rule",
                                                                         "judge.rule.words=[AI]"]), 4, 16)
     assert rule["rank"] == 0
+    online = progress.stage_work(load_config(repo / "configs/small.yaml", ["dpo.precompute_reference=false"]), 4, 16)
+    assert online["train-dpo"] > work["train-dpo"]  # the reference scores every training pass, not each pair once
+    grpo = progress.stage_work(load_config(repo / "configs/small.yaml", ["ppo.advantage=grpo",
+                                                                        "ppo.samples_per_prompt=4"]), 4, 16)
+    assert grpo["train-ppo"] > work["train-ppo"]  # 4 samples per prompt, less than 4x: no critic
+
+
+def test_the_pipeline_follows_the_policy_method(repo):
+    ppo = pipeline(load_config(repo / "configs/tiny.yaml"))
+    dpo = pipeline(load_config(repo / "configs/tiny.yaml", ["policy.method=dpo"]))
+    assert ppo == ["synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate", "report"]
+    assert dpo == ["synthesize", "respond", "rank", "train-dpo", "evaluate", "report"]
 
 
 def test_time_left_uses_the_rate_measured_so_far(monkeypatch):

@@ -76,3 +76,37 @@ def test_bf16_weights_cross_to_the_engines_bit_exactly():
     assert set(back) == set(weights)
     for key, value in weights.items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+
+def test_response_logprobs_and_the_dpo_implicit_reward_by_hand(tmp_path, make_config):
+    """response_logprobs sums log p over the response's tokens only (eos included), computed here token by
+    token from the logits; evaluate's DPO score is beta * (log pi - log base), 0 for the base itself."""
+    from transformers import AutoModelForCausalLM
+
+    from character.pm_data import chat_prefix
+    from character.scoring import ImplicitReward, evaluation_scorer, response_logprobs
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama")).eval()
+    tok = load_tokenizer("tiny-llama")
+    with torch.no_grad():
+        total, tokens = response_logprobs(base, tok, PROMPTS, RESPONSES, 128)
+        for k, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
+            head = chat_prefix(tok, prompt)
+            tail = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            logp = torch.log_softmax(base(input_ids=torch.tensor([head + tail])).logits[0].double(), -1)
+            by_hand = sum(float(logp[len(head) - 1 + t, y]) for t, y in enumerate(tail))
+            assert float(total[k]) == pytest.approx(by_hand, abs=1e-3) and int(tokens[k]) == len(tail)
+    torch.manual_seed(1)
+    trained = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama"))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    export_model(AutoModelForCausalLM, trained.config, trained.state_dict(), tok, str(tmp_path / "dpo"))
+    config = make_config(tmp_path, "policy.method=dpo", "dpo.beta=0.5")
+    scorer = evaluation_scorer(config)
+    assert isinstance(scorer, ImplicitReward)
+    with torch.no_grad():
+        expected = 0.5 * (response_logprobs(trained.eval(), tok, PROMPTS, RESPONSES, config.dpo.max_length)[0] - total)
+    assert torch.allclose(scorer(PROMPTS, RESPONSES), expected, atol=1e-4)
+    assert torch.allclose(ImplicitReward(resolve_model("tiny-llama"), "tiny-llama", 0.5, 128, 1)(PROMPTS, RESPONSES),
+                          torch.zeros(2), atol=1e-6)

@@ -10,21 +10,9 @@ from character.store import StageOutput
 
 pytestmark = pytest.mark.slow
 
-# Preferences labelled by the rule judge ("fewer words is better") on tiny-model candidates.
-RULE = ["judge.kind=rule", "judge.rule.type=length", "judge.rule.target_words=0", "judge.rule.temperature=1.0",
-        "rank.tie_margin=0.3"]
+from conftest import RULE_PAIRS as RULE
+
 LEARN = ["pm.micro_batch_size=16", "pm.lr=1e-3", "pm.epochs=4"]
-
-
-@pytest.fixture(scope="module")
-def preferences(tmp_path_factory, ray_local, make_config):
-    from character.stages import rank, respond, synthesize
-
-    root = tmp_path_factory.mktemp("pm-data")
-    config = make_config(root, "synthesize.messages_per_trait=100", *RULE)
-    for stage in (synthesize, respond, rank):
-        stage.run(config)
-    return root / "preferences"
 
 
 def _run_dir(tmp_path, preferences):

@@ -1,4 +1,5 @@
-"""PPO on real Ray Train + DeepSpeed with vLLM rollout actors: learning (full and LoRA), resume, bf16."""
+"""PPO on real Ray Train + DeepSpeed with vLLM rollout actors: learning (PPO with a critic, full weights; GRPO
+without one, LoRA), resume, bf16."""
 import json
 import shutil
 
@@ -61,26 +62,36 @@ def test_ppo_raises_held_out_reward_with_bounded_kl(tmp_path, messages, make_con
         assert torch.equal(value, exported[key]), key
 
 
-def test_lora_ppo_raises_held_out_reward_syncs_merged_adapters_and_exports_the_adapter(tmp_path, messages,
-                                                                                       make_config, repo):
-    """The learning bar above with train.lora (adapters on q_proj and v_proj only: the engine's fused qkv
-    layer must be pushed whole) under ZeRO-3 (merged weights gathered module by module): after every sync
-    the engine's log-probs of a probe equal the policy's (the run stops otherwise) and, by iteration 3,
-    differ from the initial policy's; the reference is the adapter-disabled policy; the export is the
-    adapter alone (export.merged false), which evaluate's loader merges onto the base."""
+def test_lora_grpo_raises_held_out_reward_without_a_critic_and_syncs_merged_adapters(tmp_path, messages,
+                                                                                   make_config, repo):
+    """Critic-free GRPO (4 samples per prompt, the group as baseline, the KL to the reference a k3 loss term)
+    reaches the PPO test's learning bar, with train.lora (adapters on q_proj and v_proj only: the engine's
+    fused qkv layer must be pushed whole) under ZeRO-3 (merged weights gathered module by module): after every
+    sync the engine's log-probs of a probe equal the policy's (the run stops otherwise) and, by iteration 3,
+    differ from the initial policy's; the reference is the adapter-disabled policy; no critic is built or
+    checkpointed; the export is the adapter alone (export.merged false), which evaluate's loader merges."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from character.models import resolve_model
 
     _, lines = _run(tmp_path, messages, make_config, "ppo.iterations=8", "ppo.eval_every=4", "ppo.lr=3e-3",
-                    "ppo.critic_lr=3e-3", "train.checkpoint_every=100", "train.lora.rank=8",
+                    "ppo.advantage=grpo", "ppo.samples_per_prompt=4", "ppo.prompts_per_iteration=8",
+                    "ppo.kl_penalty=loss", "ppo.kl_coef=0.05", "ppo.ppo_epochs=1",
+                    "train.checkpoint_every=100", "train.lora.rank=8",
                     "train.lora.alpha=16", "train.lora.target_modules=[q_proj,v_proj]",
                     f"train.deepspeed_config={repo / 'configs/deepspeed/zero3.json'}")
     evals = [x["eval_reward"] for x in lines if "eval_reward" in x]
     assert evals[-1] - evals[0] >= 2.0, evals
     assert lines[0]["policy_trainable_parameters"] < 0.1 * lines[0]["policy_total_parameters"]
     iterations = [x for x in lines if "reward" in x]
+    assert all(abs(x["kl"]) < 20 for x in iterations), [x["kl"] for x in iterations]
+    assert all(x["samples"] == 32 and x["prompts"] == 8 for x in iterations)
+    assert "critic_total_parameters" not in lines[0]
+    for key in ("value_loss", "explained_variance"):
+        assert key not in iterations[-1]
+    assert all(0.0 <= x["zero_variance_groups"] <= 1.0 and x["kl_loss"] >= 0.0 for x in iterations)
+    assert not list((tmp_path / "_train" / "policy").glob("checkpoint_*/critic"))
     assert all(x["sync_logprob_diff"] <= 1e-3 for x in iterations), [x["sync_logprob_diff"] for x in iterations]
     assert iterations[2]["engine_drift"] > 1e-2, [x["engine_drift"] for x in iterations]  # not the initial policy
     assert not (tmp_path / "policy" / "model.safetensors").exists()

@@ -4,8 +4,10 @@ On the held-out messages (never trained on, nor any near-copy of them) and the a
 synthesised for evaluation (pushing the model off its character), both from messages/ where `synthesize`
 split them (character/splits.py), both models answer with the same sampling settings and seeds; every response
 gets the preference model's score, and each trained/base pair of the same sample is judged in both
-orders. Output: eval/part-*.parquet (message x model x sample) and eval/summary.json per trait and split,
-with intervals clustered by message (character/evalstats.py).
+orders. The trained model is train-ppo's policy/ or, with policy.method dpo, train-dpo's dpo/; the score is
+then the DPO implicit reward, as no PM is trained (character/scoring.py evaluation_scorer). Output:
+eval/part-*.parquet (message x model x sample) and eval/summary.json per trait and split, with intervals
+clustered by message (character/evalstats.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from collections import defaultdict
 import pyarrow as pa
 
 from character import schemas
-from character.config import Config, check_stage_config
+from character.config import Config
+from character.stage_checks import check_stage_config
 from character.prompts import character_system_prompt
 from character.runtime import (StageInputError, StageResult, Timer, consume_counts, init_ray, skip_or_reset,
                                upstream_cause, write_resolved_config)
@@ -50,7 +53,7 @@ class EvalWorker:
 
     def __init__(self, config_json: str, constitution_json: str):
         from character.judge import build_judge, judge_name
-        from character.scoring import RewardModel
+        from character.scoring import evaluation_scorer
 
         self.config = Config.model_validate_json(config_json)
         constitution = Constitution.model_validate_json(constitution_json)
@@ -59,8 +62,7 @@ class EvalWorker:
         judged = self.config.model_copy(update={"judge": self.config.evaluate.judge})
         self.judge, self.judge_name = build_judge(judged), judge_name(judged)
         # The PM scores text with its own tokenizer (character/scoring.py), whatever its base model.
-        self.pm = RewardModel(StageOutput(self.config.run.output_dir, "pm").path(), self.config.pm.max_length,
-                              self.config.ppo.forward_batch_size)
+        self.pm = evaluation_scorer(self.config)
         self.out = StageOutput(self.config.run.output_dir, STAGE)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -131,10 +133,17 @@ def summarise(rows: list[dict]) -> dict:
 
 def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
+    trained = StageOutput(config.run.output_dir, config.policy_stage).path()
+    if out.complete() and not force and out.success_info().get("trained_model") not in (None, trained):
+        # Another policy.method than the one evaluated: its eval/ describes another model.
+        print(f"[evaluate] eval/ evaluated {out.success_info().get('trained_model')}; the config trains {trained} "
+              f"(policy.method {config.policy.method}): evaluating again", flush=True)
+        force = True
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     check_stage_config(config, "evaluate")
-    for needed in ("messages", "pm", "policy"):
+    needs = ("messages", "pm", "policy") if config.policy.method == "ppo" else ("messages", config.policy_stage)
+    for needed in needs:
         require_complete(StageOutput(config.run.output_dir, needed), "evaluate",
                          schemas.MESSAGES if needed == "messages" else None)
     prompts = evaluation_messages(config)
@@ -152,7 +161,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     result = StageResult(STAGE, out.uri)
     with Timer() as timer:
         prompts = [{k: r[k] for k in ("message_id", "trait", "text", "split")} for r in prompts]
-        models = {"base": config.model.name, "trained": StageOutput(config.run.output_dir, "policy").path()}
+        models = {"base": config.model.name, "trained": trained}
         for label, model in models.items():
             done = out.ids("message_id", "_work", label)
             todo = [p for p in prompts if p["message_id"] not in done]
@@ -184,12 +193,13 @@ def run(config: Config, force: bool = False) -> StageResult:
     from character.judge import judge_name
 
     summary = {"base_model": config.model.name, "trained_model": models["trained"], "samples": cfg.samples,
+               "score": "DPO implicit reward" if config.policy.method == "dpo" else "preference model",
                "judge": judge_name(config.model_copy(update={"judge": cfg.judge})), **summarise(rows)}
     out.write_json("summary.json", summary)
     result.seconds, result.rows_in, result.rows_out = timer.seconds, len(prompts), len(rows)
-    result.extra = {split: {k: v["mean"] if "mean" in v else v for k, v in s.items()
-                            if k in ("pm_delta", "win_rate", "length_change")}
-                    for split, s in summary["overall"].items()}
+    result.extra = {"trained_model": trained, **{split: {k: v["mean"] if "mean" in v else v for k, v in s.items()
+                                                         if k in ("pm_delta", "win_rate", "length_change")}
+                                                 for split, s in summary["overall"].items()}}
     out.mark_success(result.summary())
     for split, s in summary["overall"].items():
         print(f"[evaluate] {split}: PM score {s['pm_base']['mean']:.3f} -> {s['pm_trained']['mean']:.3f} "

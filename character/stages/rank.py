@@ -14,7 +14,8 @@ from collections import Counter
 import pyarrow as pa
 
 from character import schemas
-from character.config import Config, RankConfig, check_stage_config
+from character.config import Config, RankConfig
+from character.stage_checks import check_stage_config
 from character.engine import engine_sized_blocks, judge_pool_args
 from character.judge import Comparison, build_judge, judge_name
 from character.prompts import character_system_prompt

@@ -1,7 +1,7 @@
 """Stage `report`: one self-contained HTML page (report/index.html) that a researcher opens after a run.
 
 Figures (character/figures.py, matplotlib) are embedded as base64 PNGs; there is no external CSS or JS.
-Sections: PM score shift, win rate and response length per trait (held-out and adversarial), PPO curves
+Sections: PM (or DPO implicit reward) score shift, win rate and response length per trait (held-out and adversarial), PPO curves
 and time per phase, PM calibration, label quality of the self-ranking, the data funnel with the synthesis
 keep rate and examples of kept and dropped messages, sample transcripts and a table of eval/summary.json. The eval stage is required; every
 other input is optional and a missing one renders a "not available" note. The figure and table
@@ -48,6 +48,8 @@ def message_examples_html(stats: dict | None) -> str:
 
 def numbers_html(pairs: list[tuple[str, object]]) -> str:
     def show(v) -> str:
+        if isinstance(v, str):
+            return html.escape(v)
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else fmt(v)
 
     return "<dl class='nums'>" + "".join(
@@ -112,7 +114,7 @@ td.text{text-align:left}"""
 
 
 def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
-    """inputs: summary, eval_rows, ppo (list|None), pm (dict|None), preferences, messages, responses
+    """inputs: summary, eval_rows, ppo (list|None), pm (dict|None), dpo (dict|None), preferences, messages, responses
     (dict|None). Returns the page and the number of figures in it."""
     summary, groups = inputs["summary"], (inputs["summary"].get("groups") or {})
     sections, figures = [], 0
@@ -131,8 +133,9 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
         sections.append((sid, title, f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>'))
 
     no_groups = None if groups else "eval/summary.json has no groups"
-    section("score-shift", "PM score before vs after", "fig-score-shift",
-            lambda: paired_bars_figure(groups, "pm_base", "pm_trained", "PM reward"), missing=no_groups)
+    score = summary.get("score", "preference model")  # or the DPO implicit reward (policy.method dpo)
+    section("score-shift", f"Score before vs after ({score})", "fig-score-shift",
+            lambda: paired_bars_figure(groups, "pm_base", "pm_trained", score), missing=no_groups)
     section("win-rate", "Win rate of trained over base", "fig-win-rate", lambda: win_rate_figure(groups),
             missing=no_groups)
     section("length", "Response length (words)", "fig-length",
@@ -148,6 +151,13 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
             numbers_html([(k, (pm or {}).get(k)) for k in ("eval_accuracy", "eval_loss", "eval_mean_margin",
                                                             "eval_pairs")]),
             missing=None if pm else "no pm/metrics.json")
+    dpo = inputs.get("dpo")
+    if dpo:
+        section("dpo", "DPO (held-out pairs, implicit rewards)", "fig-dpo-calibration",
+                lambda: pm_calibration_figure(dpo),
+                numbers_html([(k, dpo.get(k)) for k in ("eval_accuracy", "eval_loss", "eval_mean_margin",
+                                                        "eval_reward_chosen", "eval_reward_rejected", "eval_pairs",
+                                                        "beta", "steps", "reference")]))
     pref = inputs.get("preferences")
     judge = str((pref or {}).get("judge", ""))
     note = ("<p>The judge is a contrast judge (log p(answer | trait) &minus; log p(answer | no trait)): it scores "
@@ -226,6 +236,7 @@ def run(config: Config, force: bool = False, n: int = 2) -> StageResult:
             "eval_rows": table.to_pylist(),
             "ppo": read_ppo_metrics(_read_text(output_dir, "policy", "metrics.jsonl")),
             "pm": _read_json(output_dir, "pm", "metrics.json"),
+            "dpo": _read_json(output_dir, "dpo", "metrics.json"),
             "preferences": _read_json(output_dir, "preferences", "stats.json"),
             "messages": _read_json(output_dir, "messages", "stats.json"),
             "responses": _read_json(output_dir, "responses", "stats.json"),

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from character import schemas
-from character.config import Config, check_stage_config
+from character.config import Config
+from character.stage_checks import check_stage_config
 from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
 from character.prompts import character_system_prompt
 from character.runtime import (StageInputError, StageResult, Timer, committed_counts, consume_counts, format_counts,

@@ -1,5 +1,6 @@
 """Stage `train-ppo`: the policy is trained with PPO against the preference model (or a rule), a KL
-penalty to the frozen reference folded into the per-token reward, a critic and GAE. Ray Train workers
+penalty to the frozen reference folded into the per-token reward (or added to the loss), and either a
+critic with GAE or, critic-free, GRPO / RLOO advantages over several samples per prompt. Ray Train workers
 hold DeepSpeed engines (policy and critic trained; reference and reward frozen) and run
 `character.ppo_trainer.ppo_loop`; rollouts come from vLLM engines in Ray actors, which receive the updated
 policy weights in place after every iteration.
@@ -15,7 +16,7 @@ STAGE = "policy"
 
 
 def run(config: Config, force: bool = False) -> StageResult:
-    from character.config import check_stage_config
+    from character.stage_checks import check_stage_config
     from character.ppo_trainer import read_metrics
     from character.splits import ppo_messages
     from character.runtime import reset_train_state
@@ -31,7 +32,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     check_stage_config(config, "train-ppo")
     messages = StageOutput(config.run.output_dir, "messages")
     require_complete(messages, "train-ppo", schemas.MESSAGES)
-    if "pm" in (config.ppo.reward, config.ppo.critic_init):
+    if config.ppo.reward == "pm" or (config.ppo.uses_critic and config.ppo.critic_init == "pm"):
         require_complete(StageOutput(config.run.output_dir, "pm"), "train-ppo")
     train, held = ppo_messages(config)
     if len(train) < config.ppo.prompts_per_iteration or not held:
