@@ -35,7 +35,8 @@ DOCS = REPO / "docs" / "cluster.md"
 DOCKERFILE = CLUSTER_DIR / "Dockerfile"
 
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-RAYJOBS_MODULES = {"pipeline", "synthesize", "respond", "rank", "train_pm", "train_ppo", "evaluate", "report"}
+RAYJOBS_MODULES = {"pipeline", "synthesize", "respond", "rank", "train_pm", "train_ppo", "train_dpo", "evaluate",
+                   "report"}
 CLI_COMMANDS = {"run"} | RAYJOBS_MODULES | {m.replace("_", "-") for m in RAYJOBS_MODULES}
 KNOWN_CONFIGS = {"configs/cluster.yaml", "configs/tiny.yaml"}
 MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)
