@@ -4,8 +4,6 @@ critic, or the group baseline of GRPO / RLOO without one) and the clipped update
 gradient accumulation."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 from character.config import Config
@@ -87,18 +85,6 @@ def reference_logprobs(policy, reference, roll, cfg):
         return logprobs(policy, roll, cfg)[0]
 
 
-@contextmanager
-def eval_mode(*engines):
-    """Scoring forwards without dropout (LoRA dropout included), back to training mode afterwards."""
-    for engine in engines:
-        engine.eval()
-    try:
-        yield
-    finally:
-        for engine in engines:
-            engine.train()
-
-
 def values(engine, roll, cfg):
     from character import ppo
 
@@ -114,6 +100,7 @@ def score(models, roll, batch, outs, pad, beta, cfg):
 
     from character import ppo
     from character.losses import masked_mean, zero_variance_groups
+    from character.train_common import eval_mode
 
     policy, critic, reference, scorer = models
     scores = scorer([r["text"] for r in batch], [o["text"] for o in outs], [o["finish_reason"] for o in outs])

@@ -156,13 +156,13 @@ class PPOWorker:
 
         return [chat_prefix(self.tokenizer, r["text"])[-self.cfg.max_prompt_tokens:] for r in rows]
 
-    def generate(self, rows: list[dict], iteration: int, samples: int = 1) -> list[dict]:
-        """`samples` responses per row, those of one row consecutive."""
+    def generate(self, rows: list[dict], iteration: int, samples: int = 1, prompt_ids=None) -> list[dict]:
+        """`samples` responses per row, those of one row consecutive (`prompt_ids`: the rows' tokens, if known)."""
         import ray
 
         sampling = self.cfg.sampling.model_copy(update={"n": samples}).model_dump()
-        return ray.get(self.engine.generate.remote(self.prompt_ids(rows), iteration_seeds(rows, iteration, self.seed),
-                                                   sampling))
+        ids = prompt_ids if prompt_ids is not None else self.prompt_ids(rows)
+        return ray.get(self.engine.generate.remote(ids, iteration_seeds(rows, iteration, self.seed), sampling))
 
     def sync(self, version: int) -> dict:
         """The policy's weights into every vLLM engine, in place (character/rollout.py): all of them (ZeRO-3
@@ -200,7 +200,9 @@ class PPOWorker:
         from character import ppo
 
         ids = torch.tensor([self.probe.token_ids])
-        with torch.no_grad(), ppo_steps.eval_mode(self.policy):
+        from character.train_common import eval_mode
+
+        with torch.no_grad(), eval_mode(self.policy):
             policy_logp = ppo.forward_in_batches(self.policy, ids, torch.ones_like(ids), 1, lambda out, i: (
                 ppo.logprobs_and_entropy(out.logits, i, self.cfg.logits_chunk, False)[0]))[0].tolist()
         found, error = {}, None
@@ -247,10 +249,11 @@ class PPOWorker:
         share = rank_share(len(picked), self.rank, self.world)
         k = cfg.samples_per_prompt
         prompt_rows = [self.train[picked[j]] for j, _ in share]
-        outs = self.generate(prompt_rows, iteration, k)
+        ids = self.prompt_ids(prompt_rows)
+        outs = self.generate(prompt_rows, iteration, k, ids)
         # One row per sample, a prompt's K samples consecutive (a padding prompt pads all of its samples).
         batch, pad = [r for r in prompt_rows for _ in range(k)], [p for _, p in share for _ in range(k)]
-        prompts = self.prompt_ids(batch)
+        prompts = [p for p in ids for _ in range(k)]
         responses = [o["token_ids"] or [self.tokenizer.eos_token_id] for o in outs]
         t1 = time.perf_counter()
         roll = ppo.build_rollouts(prompts, responses, self.tokenizer.pad_token_id)

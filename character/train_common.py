@@ -1,4 +1,4 @@
-"""Ray Train + DeepSpeed plumbing shared by the preference-model and PPO stages."""
+"""Ray Train + DeepSpeed plumbing shared by the training stages (train-pm, train-ppo, train-dpo)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from character.config import Config, TrainConfig
@@ -136,6 +137,18 @@ def all_agree(flag: bool) -> bool:
 
 def is_finite(x) -> bool:
     return math.isfinite(float(x.detach()) if hasattr(x, "detach") else float(x))
+
+
+@contextmanager
+def eval_mode(*engines):
+    """Scoring forwards without dropout (LoRA dropout included), back to training mode afterwards."""
+    for engine in engines:
+        engine.eval()
+    try:
+        yield
+    finally:
+        for engine in engines:
+            engine.train()
 
 
 def accumulation_step(engines: list, micro_losses, accum: int) -> tuple[list[list[float]], bool]:

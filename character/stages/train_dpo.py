@@ -44,7 +44,7 @@ class _Reference:
         import torch
 
         from character.lora import adapter_disabled
-        from character.ppo_steps import eval_mode
+        from character.train_common import eval_mode
 
         if self.table is not None:
             return (torch.tensor([self.table[r["pair_id"]][0] for r in rows]),
@@ -63,7 +63,7 @@ def reference_table(engine, tokenizer, rows: list[dict], cfg, rank: int, world: 
     import torch
 
     from character.pair_trainer import gather_pair_scores
-    from character.ppo_steps import eval_mode
+    from character.train_common import eval_mode
 
     def score(chunk):
         chosen, rejected, _ = _logprobs(engine, tokenizer, chunk, cfg.max_length)
@@ -83,7 +83,7 @@ def train_loop(loop_config: dict) -> None:
     from character.losses import chosen_nll, dpo_loss
     from character.models import load_tokenizer, resolve_model
     from character.pair_trainer import PairTraining, gather_pair_scores, load_pairs, pair_metrics
-    from character.ppo_steps import eval_mode
+    from character.train_common import eval_mode
     from character.train_common import (adamw, build_under_zero, deepspeed_config, frozen_engine, full_state_dict,
                                         plain_model_construction, setup_distributed)
 

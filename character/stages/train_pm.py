@@ -26,15 +26,14 @@ def _evaluate(engine, tokenizer, held, cfg, rank, world) -> dict:
     import torch
 
     from character.pair_trainer import gather_pair_scores, pair_metrics
+    from character.train_common import eval_mode
 
     def score(rows):
         return (_rewards(engine, tokenizer, rows, "chosen", cfg.max_length).tolist(),
                 _rewards(engine, tokenizer, rows, "rejected", cfg.max_length).tolist())
 
-    engine.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(engine):
         chosen, rejected = gather_pair_scores(held, rank, world, cfg.micro_batch_size, score)
-    engine.train()
     return pair_metrics(chosen, rejected, [r["p_chosen"] for r in held], [r["trait"] for r in held], cfg.margin,
                         cfg.calibration_bins)
 
