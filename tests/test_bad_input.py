@@ -107,6 +107,21 @@ def test_evaluate_with_no_held_out_or_adversarial_message_fails_before_ray(tmp_p
     assert not StageOutput(str(tmp_path), "eval").complete()
 
 
+def test_an_evaluation_of_another_policy_method_is_redone_not_skipped(tmp_path, make_config, monkeypatch, capsys):
+    """eval/ of the PPO policy is complete; with policy.method dpo the same run dir must evaluate dpo/ (here not
+    trained yet: the error names it, before Ray), while the PPO config still skips it."""
+    from character.stages import evaluate
+
+    _no_ray(monkeypatch, evaluate)
+    _messages(tmp_path, ["train", "held_out"])
+    StageOutput(str(tmp_path), "eval").mark_success({"trained_model": str(tmp_path / "policy")})
+    assert evaluate.run(make_config(tmp_path)).skipped
+    with pytest.raises(FileNotFoundError, match=r"evaluate needs the 'dpo' output"):
+        evaluate.run(make_config(tmp_path, "policy.method=dpo"))
+    assert "evaluating again" in capsys.readouterr().out
+    assert not StageOutput(str(tmp_path), "eval").complete()
+
+
 def test_an_unreadable_upstream_part_names_the_file_before_ray(tmp_path, make_config, monkeypatch):
     from character.stages import respond
 

@@ -134,9 +134,10 @@ def summarise(rows: list[dict]) -> dict:
 def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
     trained = StageOutput(config.run.output_dir, config.policy_stage).path()
-    if out.complete() and not force and out.success_info().get("trained_model") not in (None, trained):
+    evaluated = out.success_info().get("trained_model") if out.complete() and not force else None
+    if evaluated not in (None, trained):
         # Another policy.method than the one evaluated: its eval/ describes another model.
-        print(f"[evaluate] eval/ evaluated {out.success_info().get('trained_model')}; the config trains {trained} "
+        print(f"[evaluate] eval/ evaluated {evaluated}; the config trains {trained} "
               f"(policy.method {config.policy.method}): evaluating again", flush=True)
         force = True
     if (skipped := skip_or_reset(out, force)) is not None:
