@@ -1,4 +1,5 @@
-"""`character <stage> --config FILE [--force] [key.sub=value ...]` — the one command-line entrypoint.
+"""`character <stage> --config FILE [--force] [key.sub=value ...]` — the one command-line entrypoint
+(and `character compare RUN [RUN ...]`: runs side by side).
 
 The config (and the constitution it names) is validated before Ray or any engine starts; a bad file
 stops the command with a message naming the file and the field, and exit status 2.
@@ -43,6 +44,12 @@ def validate(config: Config, stages: list[str]) -> None:
     from character.train_common import read_deepspeed_json
 
     read_deepspeed_json(config.train.deepspeed_config)
+    if config.tracking.backend != "none":
+        import importlib.util
+
+        if importlib.util.find_spec(config.tracking.backend) is None:
+            raise ConfigError(f"{config.source}: tracking.backend is '{config.tracking.backend}' but the package is "
+                              f"not installed (pip install {config.tracking.backend}), or set tracking.backend: none")
 
 
 def run_progress(config: Config, names: list[str]):
@@ -62,12 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML config file (e.g. configs/tiny.yaml)")
         p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. synthesize.messages_per_trait=16")
+    p = sub.add_parser("compare", help="runs side by side: a table here and one HTML page")
+    p.add_argument("runs", nargs="+", help="run directories (local paths or URIs)")
+    p.add_argument("--output", default="compare.html", help="the HTML page to write (default: compare.html)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "compare":
+        from character.compare import compare
+
+        table, _ = compare(args.runs, args.output)
+        print(table, f"\npage: {args.output}", sep="\n")
+        return 0
     try:
         config = load_config(args.config, args.overrides)
         names = pipeline(config) if args.command == "run" else [args.command]
@@ -77,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Once a stage does work, every later stage is redone: its inputs have changed.
     redo = args.force
-    worked = []
+    worked, results = [], []
     progress = run_progress(config, names) if args.command == "run" else None
     for index, name in enumerate(names):
         stage = importlib.import_module(STAGES[name])
@@ -92,16 +108,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"stopped; fix the cause and rerun `character run` to resume from '{name}'", file=sys.stderr)
             return 1
         print(result.line(), flush=True)
+        results.append(dict(result.summary(), stage=name, skipped=result.skipped))
         if progress:
             progress.end(index, result.skipped)
         if not result.skipped:
             redo = True
             worked.append(name)
     if args.command == "run":
-        print("nothing to do: every stage is complete" if not worked else f"stages run: {', '.join(worked)}")
+        from character.progress import stage_table
         from character.store import StageOutput
 
+        print(stage_table(results))
+        print("nothing to do: every stage is complete" if not worked else f"stages run: {', '.join(worked)}")
         print(f"report: {StageOutput(config.run.output_dir, 'report').path('index.html')}", flush=True)
+    if config.tracking.backend == "mlflow" and worked:
+        from character.tracking import ui_command
+
+        print(f"tracking: {ui_command(config)}", flush=True)
     return 0
 
 

@@ -337,6 +337,17 @@ class EvaluateConfig(Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)  # win rates; model None: the base model
 
 
+class TrackingConfig(Strict):
+    """Experiment tracking (character/tracking.py): one run per run directory, a nested run per stage."""
+
+    backend: Literal["mlflow", "wandb", "none"] = "mlflow"
+    # MLflow: None is a SQLite store inside the run directory (<run>/mlflow/mlflow.db; for a run directory on
+    # object storage, a local copy on the driver that is copied there after every stage); a server
+    # (http://...) or a shared sqlite:/// path puts several runs side by side. Unused by wandb (WANDB_* env).
+    uri: str | None = None
+    experiment: str = Field("character", min_length=1)  # MLflow experiment / W&B project
+
+
 class Config(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -354,6 +365,7 @@ class Config(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     # Where the YAML came from; relative paths in the config resolve against the working directory.
     source: str | None = None

@@ -111,21 +111,65 @@ def win_rate_figure(groups: dict):
     return _split_panels(groups, 3.4, draw)
 
 
-def ppo_curves_figure(records: list[dict]):
-    """reward / kl / entropy / response_length vs iteration; eval_reward points on the reward panel."""
+PPO_PANELS = ("reward", "kl", "entropy", "response_length")
+
+
+def _draw_ppo_curves(axes, records: list[dict], label: str | None = None, color: str | None = None) -> None:
+    """One run's PPO curves on the four PPO_PANELS axes; `label`/`color` name the run when several share them."""
     it = [r for r in records if "reward" in r]
     ev = [r for r in records if r.get("eval_reward") is not None]
-    fig, axes = _figure(11, 6.5, ncols=2, nrows=2)
-    for ax, key in zip(axes, ("reward", "kl", "entropy", "response_length")):
-        ax.plot([r["iteration"] for r in it], [_num(r.get(key)) for r in it], marker=".", label=key)
+    for ax, key in zip(axes, PPO_PANELS):
+        ax.plot([r["iteration"] for r in it], [_num(r.get(key)) for r in it], marker=".", color=color,
+                label=label or key)
         if key == "reward" and ev:
-            ax.plot([r["iteration"] for r in ev], [_num(r["eval_reward"]) for r in ev], "o", color="C3",
-                    label="eval_reward")
+            ax.plot([r["iteration"] for r in ev], [_num(r["eval_reward"]) for r in ev], "o", color=color or "C3",
+                    mfc="none" if label else None, label=f"{label}: eval_reward" if label else "eval_reward")
         for r in records:
             if r.get("resumed_from") is not None:
-                ax.axvline(r["resumed_from"], color="grey", ls=":", lw=1)
+                ax.axvline(r["resumed_from"], color=color or "grey", ls=":", lw=1)
+
+
+def _ppo_axes(fig_axes) -> None:
+    for ax, key in zip(fig_axes, PPO_PANELS):
         ax.set_xlabel("iteration")
         ax.set_title(key)
+        ax.legend(fontsize=8)
+
+
+def ppo_curves_figure(records: list[dict]):
+    """reward / kl / entropy / response_length vs iteration; eval_reward points on the reward panel."""
+    fig, axes = _figure(11, 6.5, ncols=2, nrows=2)
+    _draw_ppo_curves(axes, records)
+    _ppo_axes(axes)
+    return fig
+
+
+def ppo_curves_overlay_figure(runs: dict[str, list[dict]]):
+    """The PPO curves of several runs overlaid, one colour per run (`character compare`)."""
+    fig, axes = _figure(11, 6.5, ncols=2, nrows=2)
+    for i, (label, records) in enumerate(runs.items()):
+        _draw_ppo_curves(axes, records, label, f"C{i}")
+    _ppo_axes(axes)
+    return fig
+
+
+def win_rate_comparison_figure(runs: dict[str, dict]):
+    """Per-trait soft win rates with CIs of several runs side by side (runs: label -> eval summary groups), one
+    panel per split."""
+    traits = sorted({t for groups in runs.values() for t in _traits(groups)})
+    fig, axes = _figure(_width(len(traits) * max(1, len(runs)) // 2 + 1), 3.4 * len(SPLITS), nrows=len(SPLITS))
+    width = 0.8 / max(1, len(runs))
+    for ax, split in zip(axes, SPLITS):
+        for i, (label, groups) in enumerate(runs.items()):
+            by = _by_split(groups, split)
+            means, err = _err([by.get(t, {}).get("win_rate") for t in traits])
+            ax.bar([x - 0.4 + width * (i + 0.5) for x in range(len(traits))], means, width, yerr=err, capsize=2,
+                   color=f"C{i}", label=label)
+        ax.axhline(0.5, color="red", ls="--", lw=1)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(range(len(traits)), traits, rotation=30, ha="right", fontsize=8)
+        ax.set_title(split)
+        ax.set_ylabel("P(trained better)")
         ax.legend(fontsize=8)
     return fig
 

@@ -140,17 +140,19 @@ class PairTraining:
     from the latest checkpoint, with this rank's RNG): `state` is the checkpoint's client state, which a
     stage may read for what it stored there (train-dpo: the reference log-probs)."""
 
-    def __init__(self, config: Config, cfg: PairTrainingConfig, engines: dict, train: list[dict], tag: str):
+    def __init__(self, config: Config, cfg: PairTrainingConfig, engines: dict, train: list[dict], tag: str,
+                 tracking=None):
         import ray.train
 
-        from character.train_common import restore, restore_rng, tensorboard_writer
+        from character.tracking import StepLog
+        from character.train_common import restore, restore_rng
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.config, self.cfg, self.engines, self.train, self.tag = config, cfg, engines, train, tag
         self.state = restore(engines) or {"step": 0, "position": 0, "guard": [0, 0], "last_metrics": {}}
         restore_rng(self.state)
-        self.writer = tensorboard_writer(config, tag) if self.rank == 0 else None
+        self.metrics_log = StepLog(config, tag, tracking, self.rank == 0)  # per step, rank 0 only
 
     def run(self, micro_loss, evaluate, client_extra: dict | None = None) -> dict:
         """`micro_loss(rows) -> loss` (a scalar tensor; every engine steps on it), `evaluate() -> metrics`
@@ -186,8 +188,8 @@ class PairTraining:
             losses = [x[0] for x in losses]
             position += size
             done = step + 1
-            if self.writer and losses:
-                self.writer.add_scalar(f"{self.tag}/train_loss", float(np.mean(losses)), done)
+            if losses:
+                self.metrics_log.log({"train_loss": float(np.mean(losses))}, done, f"{self.tag}/")
             clock.tick(done, f"loss {np.mean(losses):.4f}" if applied else "skipped (not finite)")
             if done % self.config.train.checkpoint_every == 0 or done == total:
                 if cfg.eval_every == 0 or done == total:
@@ -197,13 +199,12 @@ class PairTraining:
                 report = {"step": done, "train_loss": float(np.mean(losses)) if applied else float("nan"),
                           "skipped_steps": guard.total, **{k: v for k, v in metrics.items() if isinstance(v, float)}}
                 save_and_report(self.engines, client, report)
-                if self.writer:
-                    for k, v in report.items():
-                        self.writer.add_scalar(f"{self.tag}/{k}", v, done)
+                # train_loss went in above: one point per step
+                self.metrics_log.log({k: v for k, v in report.items() if k not in ("step", "train_loss")}, done,
+                                     f"{self.tag}/")
             elif cfg.eval_every and done % cfg.eval_every == 0:
                 metrics = evaluate()
-        if self.writer:
-            self.writer.close()
+        self.metrics_log.close()
         return {**metrics, "steps": total, "skipped_steps": guard.total, "resumed_from_step": state["step"] or None,
                 "examples_seen": position, "workers": world, "resized_from_workers": state.get("resized_from"),
                 "train_pairs": n}

@@ -103,7 +103,7 @@ class PPOWorker:
     """One Ray Train worker's side of PPO: its models, its rollout engine, the shared controller state
     (KL coefficient, non-finite guard) and, on rank 0, the metric history."""
 
-    def __init__(self, config: Config, engines: list):
+    def __init__(self, config: Config, engines: list, tracking=None):
         import ray.train
         import torch
 
@@ -111,8 +111,8 @@ class PPOWorker:
         from character.models import load_tokenizer
         from character.rollout import SyncProbe, sync_tolerance
         from character.splits import ppo_messages
-        from character.train_common import (NonFiniteGuard, restore, restore_rng, setup_distributed,
-                                            tensorboard_writer)
+        from character.tracking import StepLog
+        from character.train_common import NonFiniteGuard, restore, restore_rng, setup_distributed
 
         self.config, self.cfg, self.seed, self.engines = config, config.ppo, config.run.seed, engines
         ctx = ray.train.get_context()
@@ -135,7 +135,7 @@ class PPOWorker:
         self.guard = NonFiniteGuard(self.cfg.max_nonfinite_in_row, *state["guard"])
         self.engine = engines[self.rank % len(engines)]
         self.out = StageOutput(config.run.output_dir, STAGE)
-        self.writer = tensorboard_writer(config, STAGE) if self.rank == 0 else None
+        self.metrics_log = StepLog(config, STAGE, tracking, self.rank == 0)  # per iteration, rank 0 only
         # A resumed run drops the lines logged after its checkpoint (they are logged again).
         self.history = [x for x in read_metrics(self.out) if x["iteration"] <= self.start] if self.rank == 0 else []
 
@@ -147,9 +147,7 @@ class PPOWorker:
         if self.rank == 0:
             self.history.append(record)
             self.out.write_text("metrics.jsonl", "".join(json.dumps(x) + "\n" for x in self.history))
-            for k, v in record.items():
-                if self.writer and k != "iteration" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"ppo/{k}", v, record["iteration"])
+            self.metrics_log.log({k: v for k, v in record.items() if k != "iteration"}, record["iteration"], "ppo/")
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         from character.pm_data import chat_prefix
@@ -332,10 +330,9 @@ class PPOWorker:
         if self.rank == 0:
             lora.export("policy", self.adapters, AutoModelForCausalLM, self.policy_model.config, weights,
                         self.tokenizer, self.out.uri, self.config.model.name, self.config.export.merged)
-        if self.writer:
-            self.writer.close()
+        self.metrics_log.close()
 
 
 def ppo_loop(loop_config: dict) -> None:
     """The Ray Train loop function."""
-    PPOWorker(Config.model_validate(loop_config["config"]), loop_config["engines"]).run()
+    PPOWorker(Config.model_validate(loop_config["config"]), loop_config["engines"], loop_config.get("tracking")).run()

@@ -132,12 +132,12 @@ def write_split(batch: pa.Table, out: StageOutput, id_column: str, kept: pa.Tabl
 
 
 def consume_counts(ds, desc: str, total: int | None) -> tuple[int, int, Counter, int]:
-    """Stream the per-batch count rows to the driver with a progress bar; only counts cross."""
-    from tqdm.auto import tqdm
+    """Stream the per-batch count rows to the driver with a progress line; only counts cross."""
+    from character.progress import ProgressLine
 
     rows_in = rows_out = tokens = 0
     drops: Counter = Counter()
-    with tqdm(total=total, desc=desc, unit="row", disable=None) as bar:
+    with ProgressLine(desc, total) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 rows_in += row["rows_in"]

@@ -194,8 +194,11 @@ def synthesize_messages(config: Config, force: bool = False) -> StageResult:
     adversarial = config.evaluate.adversarial_per_trait
     result = StageResult(STAGE, out.uri)
     with Timer() as timer:
+        seeds: set[str] = set()
         if cfg.include_seed_questions and any(t.questions for t in constitution.traits):
-            out.write_part(seed_question_rows(constitution.traits), WORK, key="seed-questions")
+            seed_rows = seed_question_rows(constitution.traits)
+            out.write_part(seed_rows, WORK, key="seed-questions")
+            seeds = set(seed_rows.column("request_id").to_pylist())
         done = sorted(out.ids("request_id", WORK))
         total = len(constitution.traits) * (cfg.messages_per_trait + adversarial)
         traits = ray.data.from_items([{"trait_json": t.model_dump_json()} for t in constitution.traits])
@@ -213,7 +216,8 @@ def synthesize_messages(config: Config, force: bool = False) -> StageResult:
                 then=write_raw, then_kwargs=dict(out=out)),
                 **generation_pool_args(config.engine))
         )
-        _, _, _, new_tokens = consume_counts(generated, "synthesize: generate", max(total - len(done), 0))
+        _, _, _, new_tokens = consume_counts(generated, "synthesize: generate",
+                                          total - len(set(done) - seeds))  # requests left to generate
 
         out.clear()  # a clean-up phase cut short by a kill is redone whole: it is cheap and deterministic
         out.clear("rejected")

@@ -303,9 +303,12 @@ def plain_model_construction() -> None:
 
 
 def trainer_for(config: Config, train_loop, loop_config: dict, name: str):
-    """A TorchTrainer whose RunConfig(name, storage_path) makes a rerun resume from its latest checkpoint."""
+    """A TorchTrainer whose RunConfig(name, storage_path) makes a rerun resume from its latest checkpoint. The
+    loop config carries the stage's tracking handle (`loop_config["tracking"]`, None if untracked)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from character import tracking
 
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
@@ -313,7 +316,7 @@ def trainer_for(config: Config, train_loop, loop_config: dict, name: str):
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "tracking": tracking.current()},
         scaling_config=ScalingConfig(num_workers=train.num_workers if isinstance(train.num_workers, int)
                                      else tuple(train.num_workers), use_gpu=train.use_gpu,
                                      resources_per_worker=resources),
@@ -410,27 +413,24 @@ def maybe_inject_fault(config: Config, step: int) -> None:
 
 class StepClock:
     """Progress lines of a training loop on rank 0: step n of N, seconds per step, an estimate of the time
-    left (from the steps timed in this process: a resumed run's estimate starts afresh)."""
+    left (from the steps timed in this process: a resumed run's estimate starts afresh). One line after the
+    first step and one at each tenth of the total: the workers' output is a log, not a terminal."""
 
     def __init__(self, label: str, first: int, total: int, enabled: bool):
         self.label, self.first, self.total, self.enabled = label, first, total, enabled
         self.start = time.monotonic()
+        self.tenth = -1
 
     def tick(self, done: int, extra: str = "") -> None:
         if not self.enabled or done <= self.first:
             return
+        tenth = 10 * done // max(self.total, 1)
+        if done > self.first + 1 and tenth == self.tenth:
+            return
+        self.tenth = tenth
         per_step = (time.monotonic() - self.start) / (done - self.first)
         left = per_step * (self.total - done)
         # sys.__stdout__: Ray Train 2.60 patches print() in its workers to tee stdout into its logger, and
         # both reach the driver, so every line showed twice; the worker's own stdout reaches it once.
         print(f"[{self.label}] {done}/{self.total}, {per_step:.1f} s each, about {left:.0f} s left"
               + (f"; {extra}" if extra else ""), file=sys.__stdout__, flush=True)
-
-
-def tensorboard_writer(config: Config, name: str):
-    """A TensorBoard writer on rank 0 for local output dirs (None elsewhere)."""
-    if "://" in config.run.output_dir:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=os.path.join(config.run.output_dir, "tensorboard", name))

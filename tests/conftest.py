@@ -28,10 +28,14 @@ def ray_local():
 
 
 def tiny_config(output_dir: Path | str, *overrides: str):
+    """configs/tiny.yaml in `output_dir`. Untracked unless an override sets tracking.backend: a new MLflow store
+    costs ~2 s per run directory and most tests make several; the tracking tests, the PM and PPO resume
+    tests and the pipeline (the default, mlflow) track."""
     from character.config import load_config
 
     return load_config(REPO / "configs" / "tiny.yaml",
-                       [f"run.output_dir={output_dir}", f"traits.path={REPO / 'configs/traits/tiny.yaml'}", *overrides])
+                       [f"run.output_dir={output_dir}", f"traits.path={REPO / 'configs/traits/tiny.yaml'}",
+                        "tracking.backend=none", *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,11 @@ def run_dir(tmp_path_factory, ray_local):
     return tmp_path_factory.mktemp("gen")
 
 
-def test_synthesize_writes_messages(run_dir, make_config):
+def test_synthesize_writes_messages(run_dir, make_config, capfd):
     config = make_config(run_dir, "synthesize.messages_per_trait=6")
     result = synthesize.run(config)
+    # The progress line counts the 30 generation requests (not less the 6 seed questions: once "21/?").
+    assert "synthesize: generate: 100% 30/30 rows [" in capfd.readouterr().out
     out = StageOutput(str(run_dir), "messages")
     assert out.complete() and result.rows_out > 0
     table = out.read()

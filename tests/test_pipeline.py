@@ -6,6 +6,7 @@ S3FileSystem and the standard AWS environment variables, as a cluster would reac
 import base64
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -222,6 +223,53 @@ def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
     assert checked >= 11
 
 
+def _tracked_runs(db) -> tuple:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("character").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["character.stage"] == "run"]
+    return client, parent, [r for r in runs if r is not parent]
+
+
+def test_the_job_is_tracked_in_mlflow_inside_the_run_directory(submitted_run):
+    """The default tracking: one MLflow run for the run directory with a nested run per stage, in a SQLite store
+    that the run directory on S3 carries (mlflow/mlflow.db, copied there after every stage)."""
+    run_uri, run_dir = submitted_run
+    client, parent, runs = _tracked_runs(run_dir / "mlflow" / "mlflow.db")
+    stages = {r.data.tags["character.stage"]: r for r in runs}
+    assert sorted(stages) == sorted(["synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate", "report"])
+    assert len(runs) == len(stages)
+    for run in (parent, *runs):
+        assert run.info.status == "FINISHED" and run.data.tags["character.run_dir"] == run_uri
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    # the resolved config as params, the stage counts and timings, the exports as tags
+    assert parent.data.params["ppo.iterations"] == "2" and parent.data.params["train.lora.rank"] == "4"
+    assert parent.data.params["run.output_dir"] == run_uri
+    messages = json.loads((run_dir / "messages" / "_SUCCESS").read_text())
+    assert stages["synthesize"].data.metrics["stage.rows_out"] == messages["rows_out"]
+    assert parent.data.metrics["synthesize.rows_out"] == messages["rows_out"]
+    assert all(parent.data.metrics[f"{s}.seconds"] > 0 for s in stages)
+    assert parent.data.tags["character.export.pm"] == f"{run_uri}/pm"
+    assert parent.data.tags["character.recipe"] == "ppo"
+    # rank 0's per-step histories: one point per PM step and per PPO iteration
+    pm = json.loads((run_dir / "pm" / "metrics.json").read_text())
+    history = client.get_metric_history(stages["train-pm"].info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, pm["steps"] + 1))
+    ppo = [json.loads(x) for x in (run_dir / "policy" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.step for m in client.get_metric_history(stages["train-ppo"].info.run_id, "kl")] == [1, 2]
+    assert [m.value for m in client.get_metric_history(stages["train-ppo"].info.run_id, "eval_reward")] == \
+        pytest.approx([x["eval_reward"] for x in ppo if "eval_reward" in x])
+    # the evaluation's numbers, and the files
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    key = "eval.overall.held_out.win_rate.mean"
+    assert stages["evaluate"].data.metrics[key] == parent.data.metrics[key] == pytest.approx(
+        summary["overall"]["held_out"]["win_rate"]["mean"])
+    assert {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)} == {"summary.json"}
+    assert "index.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "metrics.jsonl" in {a.path for a in client.list_artifacts(stages["train-ppo"].info.run_id)}
+
+
 def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_dpo(submitted_run, repo):
     """A rerun finds nothing to do; the same run with policy.method dpo reuses synthesize, respond and rank,
     trains dpo/ from their pairs (LoRA, the reference log-probs from the adapter-disabled policy per batch)
@@ -260,6 +308,45 @@ def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_dpo(s
         page = _Page()
         page.feed(f.read().decode())
     assert {"fig-dpo-calibration", "fig-score-shift", "fig-win-rate"} <= set(page.images)
+    # Tracking: the same run directory's MLflow run, now with a train-dpo stage and a second evaluation.
+    local = Path(tempfile.mkdtemp()) / "mlflow.db"
+    with fs.open_input_stream(f"{root}/mlflow/mlflow.db") as f:
+        local.write_bytes(f.read())
+    client, parent, runs = _tracked_runs(local)
+    assert sorted(r.data.tags["character.stage"] for r in runs) == sorted(
+        ["synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate", "report", "train-dpo", "evaluate",
+         "report"])
+    dpo_run = next(r for r in runs if r.data.tags["character.stage"] == "train-dpo")
+    assert [m.step for m in client.get_metric_history(dpo_run.info.run_id, "train_loss")] == list(
+        range(1, metrics["steps"] + 1))
+    assert re.search(r"^train-dpo\s+\d+\s+\d+\s+[\d.]+\s+done$", dpo.stdout, re.M), dpo.stdout[-2000:]
+    assert re.search(r"^synthesize\s+-\s+-\s+-\s+skipped \(complete\)$", dpo.stdout, re.M)
+    assert "tracking: mlflow ui --backend-store-uri" in dpo.stdout
+
+
+def test_compare_puts_the_ppo_run_and_the_dpo_run_side_by_side(submitted_run, tmp_path, capsys):
+    """`character compare` over the PPO run (its download, taken before the DPO switch) and the run on S3 (DPO)."""
+    from character.cli import main
+
+    run_uri, run_dir = submitted_run
+    page_file = tmp_path / "compare.html"
+    assert main(["compare", str(run_dir), run_uri, "--output", str(page_file)]) == 0
+    head, ppo_row, dpo_row = (re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()[:3])
+    assert head[:5] == ["run", "model", "constitution", "recipe", "held-out pair acc."]
+    assert ppo_row[:4] == [str(run_dir), "tiny-llama", "tiny.yaml (3 traits)", "ppo"]
+    assert dpo_row[:4] == [run_uri, "tiny-llama", "tiny.yaml (3 traits)", "dpo"]
+    assert len(head) == len(ppo_row) == len(dpo_row)
+    page = _Page()
+    page.feed(page_file.read_text())
+    assert {"fig-compare-ppo", "fig-compare-win-rate"} <= set(page.images)
+    pm = json.loads((run_dir / "pm" / "metrics.json").read_text())
+    ppo = [json.loads(x) for x in (run_dir / "policy" / "metrics.jsonl").read_text().splitlines()]
+    assert page.cells["0.pair_accuracy"] == f"{pm['eval_accuracy']:.4f}"
+    assert page.cells["0.ppo_kl"] == f"{[x for x in ppo if 'kl' in x][-1]['kl']:.4f}"
+    assert page.cells["1.recipe"] == "dpo" and page.cells["1.ppo_kl"] == "-"
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    trait = next(iter(summary["groups"].values()))["trait"]
+    assert page.cells[f"0.win:{trait}"] == f"{summary['groups'][trait + '/held_out']['win_rate']['mean']:.4f}"
 
 
 def test_the_evaluation_is_held_out_from_every_training_input(submitted_run, make_config):

@@ -11,6 +11,7 @@ import pytest
 
 from character.config import config_from_dict
 from character import figures
+from character.run_files import read_ppo_metrics
 from character.stages import report
 from character.store import StageOutput
 
@@ -179,10 +180,10 @@ def test_missing_eval_stage(tmp_path):
 
 def test_pure_helpers():
     assert report.fmt(0.123456) == "0.1235" and report.fmt(None) == "n/a" and report.fmt(2) == "2.0000"
-    records = report.read_ppo_metrics('{"iteration": 0, "eval_reward": 1}\n{"iteration": 1, "reward": 2}\n'
+    records = read_ppo_metrics('{"iteration": 0, "eval_reward": 1}\n{"iteration": 1, "reward": 2}\n'
                                       '{"iteration": 1, "reward": 3}\nnot json\n')
     assert records == [{"iteration": 0, "eval_reward": 1}, {"iteration": 1, "reward": 3}]
-    assert report.read_ppo_metrics("") is None
+    assert read_ppo_metrics("") is None
     table = report.summary_table_html({"groups": {"a/held_out": {"trait": "<b>", "split": "held_out",
                                                                  "pm_delta": {"mean": 1 / 3}}}})
     assert 'data-key="a/held_out.pm_delta.mean">0.3333<' in table and "<b>" not in table

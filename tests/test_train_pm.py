@@ -75,6 +75,19 @@ def test_zero3_two_workers_trains_and_exports(tmp_path, preferences, make_config
 FAULT = ["pm.max_steps=12", "train.checkpoint_every=4", "pm.micro_batch_size=8"]
 
 
+def _one_tracked_run_with_every_step_once(run_dir, steps: int) -> None:
+    """Rank 0 logged each step once to the stage's one MLflow run, though the steps after the checkpoint ran twice."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("character").experiment_id],
+                                "tags.`character.stage` = 'train-pm'")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, steps + 1))
+    assert run.data.metrics["eval_accuracy"] == pytest.approx(
+        json.loads((run_dir / "pm" / "metrics.json").read_text())["eval_accuracy"])
+
+
 def test_killed_worker_and_stopped_run_resume_to_the_same_loss(tmp_path, preferences, make_config):
     plain = _run_dir(tmp_path / "plain", preferences)
     _, reference = _pm(plain, make_config, *FAULT)
@@ -83,10 +96,11 @@ def test_killed_worker_and_stopped_run_resume_to_the_same_loss(tmp_path, prefere
     killed = _run_dir(tmp_path / "killed", preferences)
     (killed / "_train").mkdir()
     (killed / "_train" / "inject_fault.json").write_text(json.dumps({"step": 6}))
-    _, after_kill = _pm(killed, make_config, *FAULT, "train.max_failures=1")
+    _, after_kill = _pm(killed, make_config, *FAULT, "train.max_failures=1", "tracking.backend=mlflow")
     assert not (killed / "_train" / "inject_fault.json").exists()  # the fault really fired
     assert after_kill["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-3)
     assert reference["resumed_from_step"] is None and after_kill["resumed_from_step"] == 4  # not from scratch
+    _one_tracked_run_with_every_step_once(killed, 12)
 
     # 2) no retries allowed: the run stops; running the stage again resumes from its checkpoint, here on
     #    one worker instead of two (an elastic group that shrank): the weights load on the other count
@@ -96,9 +110,11 @@ def test_killed_worker_and_stopped_run_resume_to_the_same_loss(tmp_path, prefere
     (stopped / "_train").mkdir()
     (stopped / "_train" / "inject_fault.json").write_text(json.dumps({"step": 9}))
     with pytest.raises(Exception):
-        _pm(stopped, make_config, *FAULT, "train.max_failures=0")
+        _pm(stopped, make_config, *FAULT, "train.max_failures=0", "tracking.backend=mlflow")
     assert not StageOutput(str(stopped), "pm").complete()
-    _, resumed = _pm(stopped, make_config, *FAULT, "train.max_failures=0", "train.num_workers=1")
+    _, resumed = _pm(stopped, make_config, *FAULT, "train.max_failures=0", "train.num_workers=1",
+                     "tracking.backend=mlflow")
+    _one_tracked_run_with_every_step_once(stopped, 12)  # the resumed stage continued its MLflow run
     assert resumed["steps"] == 12 and resumed["resumed_from_step"] == 8 and resumed["workers"] == 1
     assert resumed["resized_from_workers"] == 2 and reference["resized_from_workers"] is None
     assert resumed["examples_seen"] == 8 * 16 + 4 * 8

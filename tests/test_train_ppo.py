@@ -127,12 +127,13 @@ def test_stopped_ppo_resumes_to_the_same_policy_with_one_kl_coefficient_and_ever
     shutil.copytree(messages, stopped / "messages")
     (stopped / "_train").mkdir()
     (stopped / "_train" / "inject_fault.json").write_text(json.dumps({"step": 3}))
+    tracked = "tracking.backend=mlflow"
     with pytest.raises(Exception):
-        _run(stopped, messages, make_config, *MULTI, "train.max_failures=0")
+        _run(stopped, messages, make_config, *MULTI, "train.max_failures=0", tracked)
     assert not (stopped / "_train" / "inject_fault.json").exists()  # the worker really died at iteration 3
     with pytest.raises(ConfigError, match=r"ppo.lr: 0.0001 in the checkpoint, 0.0002 in the config"):
-        train_ppo.run(make_config(stopped, *RULE, *MULTI, "ppo.lr=2e-4"))  # refused before any compute
-    _, lines = _run(stopped, messages, make_config, *MULTI, "train.max_failures=0")
+        train_ppo.run(make_config(stopped, *RULE, *MULTI, "ppo.lr=2e-4", tracked))  # refused before any compute
+    _, lines = _run(stopped, messages, make_config, *MULTI, "train.max_failures=0", tracked)
     assert [x["iteration"] for x in lines if "reward" in x] == [1, 2, 3, 4, 5]  # each once: redone after 2
     assert [x.get("resumed_from") for x in lines if "reward" in x] == [None, None, 2, None, None]
     assert [x["kl_coef"] for x in lines if "reward" in x] == [x["kl_coef"] for x in iterations]
@@ -140,6 +141,18 @@ def test_stopped_ppo_resumes_to_the_same_policy_with_one_kl_coefficient_and_ever
         str(tmp_path / "plain" / "policy" / "model.safetensors"))
     for key in reference:
         assert torch.allclose(resumed[key], reference[key], atol=1e-6), key
+    # One MLflow run for the stage through the failure, the refused start and the resume; each iteration once.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{stopped}/mlflow/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("character").experiment_id],
+                                "tags.`character.stage` = 'train-ppo'")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "kl")] == [1, 2, 3, 4, 5]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "kl_coef")] == pytest.approx(
+        [x["kl_coef"] for x in lines if "reward" in x])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_reward")] == [
+        x["iteration"] for x in lines if "eval_reward" in x]
 
 
 def test_a_bf16_ppo_iteration_trains_exports_bf16_and_is_redone_once_its_output_is_deleted(tmp_path, messages,

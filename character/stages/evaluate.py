@@ -25,6 +25,7 @@ from character.runtime import (StageInputError, StageResult, Timer, consume_coun
 from character.splits import evaluation_messages
 from character.store import StageOutput, require_complete, seed_from_id
 from character.traits import Constitution, load_constitution
+from character.tracking import tracked
 
 STAGE = "eval"
 _WORD = re.compile(r"\w+")
@@ -131,6 +132,7 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+@tracked("evaluate", "eval")
 def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
     trained = StageOutput(config.run.output_dir, config.policy_stage).path()

@@ -25,6 +25,7 @@ from character.runtime import (StageInputError, StageResult, Timer, batch_key, c
                                skip_or_reset, upstream_cause, without_done, write_resolved_config)
 from character.store import StageOutput, require_complete, stable_id
 from character.traits import Constitution, load_constitution
+from character.tracking import tracked
 
 STAGE = "preferences"
 WORK = "_work"
@@ -147,6 +148,7 @@ def compute_stats(out: StageOutput) -> dict:
                        pairs.column("p_chosen").to_pylist(), Counter(pairs.column("trait").to_pylist()), drops)
 
 
+@tracked("rank", "preferences")
 def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
     responses = StageOutput(config.run.output_dir, "responses")

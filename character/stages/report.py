@@ -10,22 +10,20 @@ builders take plain dicts and lists so they can be tested without a run director
 from __future__ import annotations
 
 import html
-import json
-import logging
 import time
-
 
 from character.config import Config
 from character.figures import (dig, fmt, funnel_figure, paired_bars_figure, pm_calibration_figure, png_data_uri,
                                ppo_curves_figure, ppo_time_figure, ranking_figure, win_rate_figure)
+from character.run_files import read_json, read_ppo_metrics, read_text
 from character.runtime import StageResult, Timer, skip_or_reset
 from character.store import StageOutput, require_complete
+from character.tracking import tracked
 
 STAGE = "report"
 TABLE_FIELDS = ("pm_base.mean", "pm_trained.mean", "pm_delta.mean", "pm_delta.lo", "pm_delta.hi",
                 "win_rate.mean", "win_rate.lo", "win_rate.hi", "length_base.mean", "length_trained.mean",
                 "length_change.mean")
-log = logging.getLogger("character")
 
 
 def message_examples_html(stats: dict | None) -> str:
@@ -186,36 +184,7 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
     return page, figures
 
 
-def _read_text(output_dir: str, stage: str, name: str) -> str | None:
-    try:
-        return StageOutput(output_dir, stage).read_text(name)
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _read_json(output_dir: str, stage: str, name: str) -> dict | None:
-    try:
-        return json.loads(_read_text(output_dir, stage, name) or "null")
-    except ValueError:
-        log.warning("[report] %s/%s is not valid JSON: section left out", stage, name)
-        return None
-
-
-def read_ppo_metrics(text: str | None) -> list[dict] | None:
-    """Parse metrics.jsonl (skipping a torn last line); one record per iteration, the last one wins."""
-    if not text:
-        return None
-    by_it: dict[int, dict] = {}
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "iteration" in rec:
-            by_it[int(rec["iteration"])] = rec
-    return [by_it[k] for k in sorted(by_it)] or None
-
-
+@tracked("report", "report")
 def run(config: Config, force: bool = False, n: int = 2) -> StageResult:
     import pyarrow.compute as pc
 
@@ -234,12 +203,12 @@ def run(config: Config, force: bool = False, n: int = 2) -> StageResult:
         inputs = {
             "summary": evaluation.read_json("summary.json"),
             "eval_rows": table.to_pylist(),
-            "ppo": read_ppo_metrics(_read_text(output_dir, "policy", "metrics.jsonl")),
-            "pm": _read_json(output_dir, "pm", "metrics.json"),
-            "dpo": _read_json(output_dir, "dpo", "metrics.json"),
-            "preferences": _read_json(output_dir, "preferences", "stats.json"),
-            "messages": _read_json(output_dir, "messages", "stats.json"),
-            "responses": _read_json(output_dir, "responses", "stats.json"),
+            "ppo": read_ppo_metrics(read_text(output_dir, "policy", "metrics.jsonl")),
+            "pm": read_json(output_dir, "pm", "metrics.json"),
+            "dpo": read_json(output_dir, "dpo", "metrics.json"),
+            "preferences": read_json(output_dir, "preferences", "stats.json"),
+            "messages": read_json(output_dir, "messages", "stats.json"),
+            "responses": read_json(output_dir, "responses", "stats.json"),
         }
         page, result.rows_out = build_html(inputs, n)
         out.write_text("index.html", page)

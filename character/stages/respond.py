@@ -17,6 +17,7 @@ from character.runtime import (StageInputError, StageResult, Timer, committed_co
 from character.splits import TRAIN
 from character.store import StageOutput, require_complete, seed_from_id
 from character.traits import Constitution, load_constitution
+from character.tracking import tracked
 
 STAGE = "responses"
 
@@ -55,6 +56,7 @@ def write_responses(batch: pa.Table, out: StageOutput, *, mode: str, sampling: d
     return write_split(batch, out, "message_id", kept, rejected)
 
 
+@tracked("respond", "responses")
 def run(config: Config, force: bool = False) -> StageResult:
     out = StageOutput(config.run.output_dir, STAGE)
     messages = StageOutput(config.run.output_dir, "messages")

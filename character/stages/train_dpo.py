@@ -17,6 +17,7 @@ from __future__ import annotations
 from character.config import Config
 from character.runtime import StageResult
 from character.store import StageOutput
+from character.tracking import tracked
 
 STAGE = "dpo"
 
@@ -101,7 +102,7 @@ def train_loop(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=adamw(
         lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay))
     engine.train()
-    training = PairTraining(config, cfg, {"policy": engine}, train, STAGE)
+    training = PairTraining(config, cfg, {"policy": engine}, train, STAGE, loop_config.get("tracking"))
     table = None
     if cfg.precompute_reference:
         table = training.state.get("reference") or reference_table(engine, tokenizer, train + held, cfg,
@@ -142,6 +143,7 @@ def train_loop(loop_config: dict) -> None:
                                             **lora.parameter_counts(model)}})
 
 
+@tracked("train-dpo", "dpo")
 def run(config: Config, force: bool = False) -> StageResult:
     from character.pair_trainer import run_stage
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from character.config import Config
 from character.runtime import StageResult
 from character.store import StageOutput
+from character.tracking import tracked
 
 STAGE = "pm"
 
@@ -65,7 +66,7 @@ def train_loop(loop_config: dict) -> None:
     optimizer = adamw(lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     engine.train()  # from_pretrained returns eval mode: LoRA dropout would apply only after the first evaluation
-    training = PairTraining(config, cfg, {"pm": engine}, train, STAGE)
+    training = PairTraining(config, cfg, {"pm": engine}, train, STAGE, loop_config.get("tracking"))
 
     def micro_loss(rows: list[dict]):
         rc = _rewards(engine, tokenizer, rows, "chosen", cfg.max_length)
@@ -94,6 +95,7 @@ def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> N
                 merged=True, files={"metrics.json": metrics})
 
 
+@tracked("train-pm", "pm")
 def run(config: Config, force: bool = False) -> StageResult:
     from character.pair_trainer import run_stage
 

@@ -11,10 +11,12 @@ from character import schemas
 from character.config import Config
 from character.runtime import StageResult, Timer, init_ray, skip_or_reset, write_resolved_config
 from character.store import StageOutput, require_complete
+from character.tracking import tracked
 
 STAGE = "policy"
 
 
+@tracked("train-ppo", "policy")
 def run(config: Config, force: bool = False) -> StageResult:
     from character.stage_checks import check_stage_config
     from character.ppo_trainer import read_metrics
