@@ -14,6 +14,7 @@ import yaml
 
 from character.figures import dig, fmt, png_data_uri, ppo_curves_overlay_figure, win_rate_comparison_figure
 from character.run_files import read_json, read_ppo_metrics, read_text
+from character.tracking import recipe_name
 
 # Table columns: (key, heading); per-trait win rates follow.
 COLUMNS = (("run", "run"), ("model", "model"), ("constitution", "constitution"), ("recipe", "recipe"),
@@ -21,14 +22,6 @@ COLUMNS = (("run", "run"), ("model", "model"), ("constitution", "constitution"),
            ("ppo_eval_reward", "final held-out reward"), ("win_rate", "win rate (held out)"),
            ("win_rate_adversarial", "win rate (adversarial)"))
 TRAIT_COLUMNS_IN_TEXT = 8  # more traits than this: per-trait win rates on the page only
-
-
-def recipe_of(config: dict) -> str:
-    """"dpo", "ppo" (PPO with a critic), "grpo" or "rloo", from a run's config.yaml (as tracking.recipe)."""
-    if dig(config, "policy.method") == "dpo":
-        return "dpo"
-    advantage = dig(config, "ppo.advantage") or "gae"
-    return "ppo" if advantage == "gae" else advantage
 
 
 def run_facts(run_dir: str) -> dict:
@@ -49,7 +42,7 @@ def run_facts(run_dir: str) -> dict:
         "run": run_dir.rstrip("/"), "model": dig(config, "model.name"),
         "constitution": f"{os.path.basename(dig(config, 'traits.path') or '?')} ({len(traits)} traits)"
         if traits else os.path.basename(dig(config, "traits.path") or "") or None,
-        "recipe": recipe_of(config) if config else None,
+        "recipe": recipe_name(dig(config, "policy.method"), dig(config, "ppo.advantage")) if config else None,
         "pair_accuracy": pairs.get("eval_accuracy"),
         "ppo_kl": last["kl"], "ppo_reward": last["reward"], "ppo_eval_reward": last["eval_reward"],
         "win_rate": dig(summary, "overall.held_out.win_rate.mean"),

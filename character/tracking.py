@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import logging
 import os
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from character.config import Config
 from character.store import StageOutput, is_remote, join_uri, split_uri, stable_id
 
-log = logging.getLogger("character")
 RECORDS = "_tracking"  # <run>/_tracking/<stage>.json: the tracker run of each stage (and run.json: the parent)
 # Small stage files worth keeping with the tracker run (artifacts); models are named by tags, not copied.
 ARTIFACTS = ("stats.json", "summary.json", "metrics.json", "metrics.jsonl", "index.html")
@@ -93,6 +91,7 @@ def numeric(tree: dict) -> dict[str, float]:
     return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str:
     """The commit of the code that runs (its checkout's HEAD), or "unknown" (a Ray job's working dir has no .git)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,10 +133,15 @@ def _user() -> str:
 
 
 def recipe(config: Config) -> str:
-    """"dpo", "ppo" (with a critic), "grpo" or "rloo" (critic-free)."""
-    if config.policy.method == "dpo":
+    return recipe_name(config.policy.method, config.ppo.advantage)
+
+
+def recipe_name(method: str | None, advantage: str | None) -> str:
+    """"dpo", "ppo" (with a critic), "grpo" or "rloo" (critic-free), from policy.method and ppo.advantage (None:
+    the defaults, for configs written before either existed)."""
+    if method == "dpo":
         return "dpo"
-    return "ppo" if config.ppo.advantage == "gae" else config.ppo.advantage
+    return "ppo" if advantage in (None, "gae") else advantage
 
 
 def parent_run(config: Config) -> str | None:
@@ -168,12 +172,14 @@ def open_stage(config: Config, stage: str, force: bool) -> TrackingHandle:
     record = records.read_json(f"{stage}.json") if records.exists(f"{stage}.json") else None
     if _same_store(record, config) and not record["finished"]:
         earlier = _handle(config, stage, record["run_id"])
-        if not force and (config.tracking.backend != "mlflow" or earlier.tracker().exists()):
-            if config.tracking.backend == "mlflow":
-                earlier.tracker().reopen()
-            return earlier
-        if config.tracking.backend == "mlflow" and earlier.tracker().exists():
-            earlier.tracker().finish(failed=True)  # an interrupted run redone afresh: it ends, as failed
+        if config.tracking.backend != "mlflow":  # a W&B run resumes by id (wandb.init is the check)
+            if not force:
+                return earlier
+        elif (tracker := earlier.tracker()).exists():
+            if not force:
+                tracker.reopen()
+                return earlier
+            tracker.finish(failed=True)  # an interrupted run redone afresh: it ends, as failed
     from character.trackers import BACKENDS
 
     backend = BACKENDS[config.tracking.backend]
@@ -225,13 +231,17 @@ def finish_stage(config: Config, handle: TrackingHandle, result, failed: bool = 
 
 
 def _log_files(tracker, out: StageOutput) -> None:
+    """The stage's small files as artifacts; from object storage through a local copy (the trackers take paths)."""
     with tempfile.TemporaryDirectory() as tmp:
         for name in ARTIFACTS:
-            if out.exists(name):
+            if not out.exists(name):
+                continue
+            path = out.path(name)
+            if is_remote(path):
                 path = os.path.join(tmp, name)
                 with open(path, "w") as f:
                     f.write(out.read_text(name))
-                tracker.log_artifact(path)
+            tracker.log_artifact(path)
 
 
 def _remote_db(config: Config) -> str | None:
@@ -334,7 +344,7 @@ class StepLog:
         self.after = self.tracker.last_step()
 
     def log(self, metrics: dict, step: int, prefix: str = "") -> None:
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = numeric(metrics)
         if self.writer:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"{prefix}{k}", v, step)
