@@ -1,5 +1,6 @@
 """`character <stage> --config FILE [--force] [key.sub=value ...]` — the one command-line entrypoint
-(and `character compare RUN [RUN ...]`: runs side by side).
+(and `character compare RUN [RUN ...]`: runs side by side; `character review --run DIR`: a page to review a
+run trait by trait, character/review_app.py).
 
 The config (and the constitution it names) is validated before Ray or any engine starts; a bad file
 stops the command with a message naming the file and the field, and exit status 2.
@@ -37,8 +38,12 @@ def pipeline(config: Config) -> list[str]:
 
 
 def validate(config: Config, stages: list[str]) -> None:
-    """Checks that need more than the config file itself, still before any compute."""
+    """Checks that need more than the config file itself, still before any compute (a reviewer's
+    verdicts.yaml among them)."""
+    from character.review import load_marks
+
     load_constitution(config.traits.path, config.traits.only)
+    load_marks(config.run.output_dir)
     for stage in stages:
         check_stage_config(config, stage)
     from character.train_common import read_deepspeed_json
@@ -55,7 +60,9 @@ def validate(config: Config, stages: list[str]) -> None:
 def run_progress(config: Config, names: list[str]):
     from character.progress import RunProgress, stage_work
 
-    constitution = load_constitution(config.traits.path, config.traits.only)
+    from character.review import active_constitution
+
+    constitution = active_constitution(config, "run", quiet=True)
     work = stage_work(config, len(constitution.traits), sum(len(t.questions) for t in constitution.traits))
     return RunProgress(names, work)
 
@@ -69,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML config file (e.g. configs/tiny.yaml)")
         p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. synthesize.messages_per_trait=16")
+        if name == "run":
+            p.add_argument("--from", dest="from_stage", choices=list(STAGES), default=None,
+                           help="redo this stage and every later one (e.g. rank, after `character review`)")
+    p = sub.add_parser("review", help="a local web page to review a run trait by trait and mark what is wrong")
+    p.add_argument("--run", required=True, help="the run directory (local path or URI)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; elsewhere a token is "
+                                                      "required)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--reviewer", default=None, help="name recorded with verdicts and flags (default: $USER)")
     p = sub.add_parser("compare", help="runs side by side: a table here and one HTML page")
     p.add_argument("runs", nargs="+", help="run directories (local paths or URIs)")
     p.add_argument("--output", default="compare.html", help="the HTML page to write (default: compare.html)")
@@ -84,10 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         table, _ = compare(args.runs, args.output)
         print(table, f"\npage: {args.output}", sep="\n")
         return 0
+    if args.command == "review":
+        from character.review_app import serve
+
+        serve(args.run, args.host, args.port, args.reviewer)
+        return 0
     try:
         config = load_config(args.config, args.overrides)
         names = pipeline(config) if args.command == "run" else [args.command]
         validate(config, names)
+        from_stage = getattr(args, "from_stage", None)
+        if from_stage and from_stage not in names:
+            raise ConfigError(f"--from {from_stage}: not a stage of this run ({', '.join(names)})")
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2
@@ -95,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     redo = args.force
     worked, results = [], []
     progress = run_progress(config, names) if args.command == "run" else None
+    if args.command == "run":
+        from character.review import announce, load_marks
+
+        announce("run", config.run.output_dir, load_marks(config.run.output_dir))
     for index, name in enumerate(names):
         stage = importlib.import_module(STAGES[name])
+        redo = redo or name == from_stage
         if progress:
             print(progress.begin(index), flush=True)
         try:

@@ -247,6 +247,9 @@ class PairTrainingConfig(Strict):
 class PMConfig(PairTrainingConfig):
     base_model: str | None = None  # None: the policy model (model.name)
     margin: float = Field(0.0, ge=0)
+    # Score every pair (training and validation) with the trained PM into pm/pair_scores.parquet, which
+    # `character review` shows next to each pair: one forward pass over the pairs after the last step.
+    score_pairs: bool = True
 
 
 class DPOConfig(PairTrainingConfig):

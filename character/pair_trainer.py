@@ -21,12 +21,18 @@ from character.store import StageOutput, require_complete
 
 def load_pairs(output_dir: str, eval_fraction: float):
     """Training and validation pairs, both from the `train` split's messages (rank only ever sees those),
-    divided by message (character/splits.py); unusable pairs set aside with a reason."""
+    divided by message (character/splits.py); unusable pairs set aside with a reason, and so are the pairs a
+    reviewer flagged (or whose message or trait they did: character/review.py)."""
     from character.pm_data import validate_pairs
+    from character.review import load_marks
     from character.splits import pm_validation
 
     rows = StageOutput(output_dir, "preferences").read(schema=schemas.PREFERENCES).to_pylist()
     good, bad = validate_pairs(rows)
+    marks = load_marks(output_dir)
+    reviewed = [(r, marks.set_aside_reason(r["trait"], r["message_id"], r["pair_id"])) for r in good]
+    good = [r for r, reason in reviewed if reason is None]
+    bad += [{**r, "reason": reason} for r, reason in reviewed if reason is not None]
     train = [r for r in good if not pm_validation(r["message_id"], eval_fraction)]
     held = [r for r in good if pm_validation(r["message_id"], eval_fraction)]
     return train, held, bad
@@ -109,6 +115,7 @@ def run_stage(config: Config, command: str, section: str, output: str, train_loo
     """The driver side of train-pm and train-dpo: skip a complete stage, check the config and the pairs before
     Ray starts, run `train_loop` on the Ray Train workers (resuming from `_train/<output>`), and commit.
     Returns (StageResult, the exported metrics.json); the metrics are None for a skipped stage."""
+    from character.review import announce, load_marks
     from character.train_common import check_resume_settings, trainer_for
 
     out = StageOutput(config.run.output_dir, output)
@@ -118,6 +125,7 @@ def run_stage(config: Config, command: str, section: str, output: str, train_loo
     preferences = StageOutput(config.run.output_dir, "preferences")
     require_complete(preferences, command, schemas.PREFERENCES)
     eval_fraction = getattr(config, section).eval_fraction
+    announce(command, config.run.output_dir, load_marks(config.run.output_dir))
     train, held, bad = load_pairs(config.run.output_dir, eval_fraction)
     check_pairs(command, section, train, held, bad, preferences, eval_fraction)
     check_resume_settings(config, output)

@@ -160,13 +160,21 @@ def committed_counts(out: StageOutput, id_column: str) -> tuple[int, Counter]:
 
 
 def write_resolved_config(config: Config) -> None:
+    """config.yaml and the constitution it names (constitution.yaml) into the run directory: the run carries
+    the traits it was made from (`character review` shows them wherever the traits file is)."""
+    import yaml
+
     from character.config import dump_config
     from character.store import join_uri, split_uri
+    from character.traits import load_constitution
 
-    fs, path = split_uri(join_uri(config.run.output_dir, "config.yaml"))
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as sink:
-        sink.write(dump_config(config).encode())
+    constitution = load_constitution(config.traits.path, config.traits.only).model_dump()
+    for name, text in (("config.yaml", dump_config(config)),
+                       ("constitution.yaml", yaml.safe_dump(constitution, sort_keys=False, allow_unicode=True))):
+        fs, path = split_uri(join_uri(config.run.output_dir, name))
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as sink:
+            sink.write(text.encode())
 
 
 class Timer:

@@ -107,3 +107,28 @@ EVAL_GENERATIONS = pa.schema([
     pa.field("finish_reasons", pa.list_(pa.string()), nullable=False),
     pa.field("output_tokens", pa.list_(pa.int64()), nullable=False),
 ])
+
+# The trained preference model's rewards of every pair (train-pm, pm.score_pairs), for `character review`.
+PM_PAIR_SCORES = pa.schema([
+    pa.field("pair_id", pa.string(), nullable=False),
+    pa.field("message_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("role", pa.string(), nullable=False),  # train | validation (the PM's held-out pairs)
+    pa.field("chosen_reward", pa.float64(), nullable=False),
+    pa.field("rejected_reward", pa.float64(), nullable=False),
+])
+
+# A reviewer's flags (`character review`, character/review.py): one row per flag; a cleared flag keeps its row.
+REVIEW_FLAGS = pa.schema([
+    pa.field("flag_id", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # pair | message
+    pa.field("target_id", pa.string(), nullable=False),  # pair_id or message_id
+    pa.field("message_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("flag", pa.string(), nullable=False),  # mislabeled (pair) | off_trait (message)
+    pa.field("note", pa.string(), nullable=False),
+    pa.field("reviewer", pa.string(), nullable=False),
+    pa.field("created_at", pa.string(), nullable=False),  # ISO 8601, UTC
+    pa.field("cleared_by", pa.string()),
+    pa.field("cleared_at", pa.string()),
+])

@@ -30,13 +30,17 @@ def assign_split(message_id: str, held_out_fraction: float) -> str:
 
 
 def read_messages(output_dir: str, splits: tuple[str, ...]) -> list[dict]:
-    """Messages (message_id, trait, kind, text, split) of the given splits, in id order."""
+    """Messages (message_id, trait, kind, text, split) of the given splits, in id order, less those of traits a
+    reviewer marked drop (character/review.py)."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    from character.review import keep_active_traits, load_marks
 
     table = StageOutput(output_dir, "messages").read(schema=schemas.MESSAGES,
                                                      columns=["message_id", "trait", "kind", "text", "split"])
     table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits))))
+    table = keep_active_traits(table, sorted(load_marks(output_dir).dropped))
     return sorted(table.to_pylist(), key=lambda r: r["message_id"])
 
 

@@ -238,6 +238,19 @@ class StageOutput:
             sink.write(text.encode("utf-8"))
         fs.move(tmp, posixpath.join(target, base))
 
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """One whole Parquet file (not a part), atomic like write_text."""
+        fs, root = self._fs()
+        target = self.ensure()
+        tmp = posixpath.join(target, f".tmp-{uuid.uuid4().hex}-{name}")
+        with fs.open_output_stream(tmp) as sink:
+            pq.write_table(table, sink)
+        fs.move(tmp, posixpath.join(target, name))
+
+    def read_table(self, name: str, schema: pa.Schema | None = None) -> pa.Table:
+        fs, root = self._fs()
+        return pq.read_table(posixpath.join(root, name), filesystem=fs, schema=schema)
+
     def read_text(self, name: str) -> str:
         fs, root = self._fs()
         with fs.open_input_stream(posixpath.join(root, name)) as f:

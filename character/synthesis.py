@@ -29,7 +29,8 @@ from character.runtime import (StageInputError, StageResult, Timer, consume_coun
                                skip_or_reset, without_done, write_resolved_config, write_split)
 from character.splits import ADVERSARIAL, HELD_OUT, TRAIN, assign_split
 from character.store import StageOutput, seed_from_id, stable_id
-from character.traits import Trait, load_constitution
+from character.review import active_constitution
+from character.traits import Trait
 
 STAGE = "messages"
 WORK = "_work"
@@ -185,7 +186,7 @@ def synthesize_messages(config: Config, force: bool = False) -> StageResult:
     if (skipped := skip_or_reset(out, force)) is not None:
         return skipped
     check_stage_config(config, "synthesize")
-    constitution = load_constitution(config.traits.path, config.traits.only)
+    constitution = active_constitution(config, "synthesize")
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data

@@ -10,6 +10,16 @@ target=cpu
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
+# The review page's browser test (tests/test_review.py) drives Debian's Chromium through its ChromeDriver:
+# installed from the distribution, never a browser downloaded by a test tool.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium and chromium-driver (Debian packages) for the browser test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "setup: chromium / chromedriver missing and not root: install Debian's chromium and chromium-driver for the browser test" >&2
+  fi
+fi
 stamp=.venv/.character-installed-$target-$(sha1sum pyproject.toml constraints-cpu.txt scripts/setup.sh | sha1sum | cut -c1-12)
 if [ -f "$stamp" ]; then echo "setup: .venv up to date ($stamp)"; exit 0; fi
 python -m pip install -q --upgrade "pip>=25"

@@ -382,3 +382,48 @@ def test_the_evaluation_is_held_out_from_every_training_input(submitted_run, mak
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert sum(g["n_messages"] for g in summary["overall"].values()) == len(evaluated)
     assert "clustered by message" in summary["interval"]
+
+
+def test_review_reads_the_run_on_object_storage_and_a_dropped_trait_reaches_character_run(submitted_run, repo,
+                                                                                         capsys):
+    """`character review` over the S3 run: the PM's score of every pair (pm/pair_scores.parquet, written by
+    train-pm), the trait's numbers, a verdict written back to the bucket, which `character run` then reads."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    from starlette.testclient import TestClient
+
+    from character.cli import main
+    from character.review_app import create_app
+    from character.store import StageOutput
+
+    run_uri, run_dir = submitted_run
+    scores = pq.read_table(run_dir / "pm" / "pair_scores.parquet").to_pylist()
+    pairs = StageOutput(str(run_dir), "preferences").read(columns=["pair_id"]).column("pair_id").to_pylist()
+    assert sorted(s["pair_id"] for s in scores) == sorted(pairs)
+    pm = json.loads((run_dir / "pm" / "metrics.json").read_text())
+    validation = [s for s in scores if s["role"] == "validation"]
+    assert len(validation) == pm["eval_pairs"]
+    accuracy = sum(s["chosen_reward"] > s["rejected_reward"] for s in validation) / len(validation)
+    assert accuracy == pytest.approx(pm["eval_accuracy"], abs=1.01 / len(validation))  # the same final PM
+
+    app = create_app(run_uri, "pipeline-test", token="t")
+    client = TestClient(app, client=("127.0.0.1", 50000), follow_redirects=False)
+    assert client.get("/").text.count('class="trait-row"') == 3
+    fs, root = pafs.FileSystem.from_uri(run_uri)
+    with fs.open_input_stream(f"{root}/eval/summary.json") as f:
+        summary = json.loads(f.read())
+    trait = scores[0]["trait"]
+    held = summary["groups"][f"{trait}/held_out"]["win_rate"]
+    assert f"{held['mean']:.3f}" in client.get(f"/trait/{trait}").text
+    shown = client.get(f"/message/{scores[0]['message_id']}").text
+    assert f"{scores[0]['chosen_reward']:.3f} / {scores[0]['rejected_reward']:.3f}" in shown
+    answer = client.post("/verdict", data={"trait": "ai_nature", "verdict": "drop", "note": "no signal", "token": "t",
+                                           "next": "/trait/ai_nature"})
+    assert answer.status_code == 303
+    assert [i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/review"))] == ["verdicts.yaml"]
+    capsys.readouterr()
+    assert main(["run", "--config", str(repo / "configs/tiny.yaml"), f"run.output_dir={run_uri}", *SMALL,
+                 "policy.method=dpo", "tracking.backend=none"]) == 0
+    out = capsys.readouterr().out
+    assert f"[run] review: skipping trait(s) ai_nature (marked drop in {run_uri}/review/verdicts.yaml)" in out
+    assert "nothing to do: every stage is complete" in out

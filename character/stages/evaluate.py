@@ -24,7 +24,8 @@ from character.runtime import (StageInputError, StageResult, Timer, consume_coun
                                upstream_cause, write_resolved_config)
 from character.splits import evaluation_messages
 from character.store import StageOutput, require_complete, seed_from_id
-from character.traits import Constitution, load_constitution
+from character.review import active_constitution
+from character.traits import Constitution
 from character.tracking import tracked
 
 STAGE = "eval"
@@ -153,7 +154,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     if not prompts:
         raise StageInputError(f"evaluate: 0 held-out or adversarial messages to evaluate on; "
                               f"{upstream_cause(StageOutput(config.run.output_dir, 'messages'))}")
-    constitution = load_constitution(config.traits.path, config.traits.only)
+    constitution = active_constitution(config, "evaluate")
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data

@@ -24,7 +24,8 @@ from character.ranking import (bradley_terry_scores, choose_pairs, clamp, compar
 from character.runtime import (StageInputError, StageResult, Timer, batch_key, consume_counts, format_counts, init_ray,
                                skip_or_reset, upstream_cause, without_done, write_resolved_config)
 from character.store import StageOutput, require_complete, stable_id
-from character.traits import Constitution, load_constitution
+from character.review import ReviewMarks, active_constitution, load_marks
+from character.traits import Constitution
 from character.tracking import tracked
 
 STAGE = "preferences"
@@ -36,14 +37,18 @@ def _reject(rows: list, row_id: str, trait: str, reason: str, text: str, detail:
 
 
 def rank_rows(rows: list[dict], judge, rank: RankConfig, trait_texts: dict[str, str], judge_label: str,
-              systems: dict[str, str] | None = None) -> dict:
+              systems: dict[str, str] | None = None, marks: ReviewMarks | None = None) -> dict:
     """Responses rows → {"pairs", "comparisons", "rejected"} row lists. Pure but for the judge call.
-    `systems`: each trait's in-character system prompt (what a contrast judge conditions on)."""
-    systems = systems or {}
+    `systems`: each trait's in-character system prompt (what a contrast judge conditions on). `marks`: a
+    reviewer's; messages flagged off-trait (or of a trait marked drop) and flagged pairs are set aside."""
+    systems, marks = systems or {}, marks or ReviewMarks()
     plans, comparisons = [], []
     out = {"pairs": [], "comparisons": [], "rejected": []}
     for row in rows:
         mid, trait = row["message_id"], row["trait"]
+        if reason := marks.set_aside_reason(trait, mid):
+            _reject(out["rejected"], mid, trait, reason, row["prompt"], marks.detail(trait, mid))
+            continue
         kept, seen = [], set()
         for idx, text in enumerate(row["candidates"]):
             norm = text.strip()
@@ -90,8 +95,12 @@ def rank_rows(rows: list[dict], judge, rank: RankConfig, trait_texts: dict[str, 
                 _reject(out["rejected"], stable_id(mid, str(c), str(r)), trait, "tie", row["prompt"],
                         f"p={label:.4f} p_ab={p_ab:.4f} p_ba={p_ba:.4f}")
                 continue
+            pair_id = stable_id(mid, cand[c], cand[r])
+            if reason := marks.set_aside_reason(trait, mid, pair_id):
+                _reject(out["rejected"], pair_id, trait, reason, row["prompt"], marks.detail(trait, mid, pair_id))
+                continue
             out["pairs"].append({
-                "pair_id": stable_id(mid, cand[c], cand[r]), "message_id": mid, "trait": trait,
+                "pair_id": pair_id, "message_id": mid, "trait": trait,
                 "prompt": row["prompt"], "chosen": cand[c], "rejected": cand[r], "p_chosen": label,
                 "p_ab": p_ab, "p_ba": p_ba, "judge": judge_label,
                 "chosen_score": scores[lc], "rejected_score": scores[lr],
@@ -121,13 +130,15 @@ class RankWorker:
         self.systems = {t.name: character_system_prompt(t, constitution, "trait") for t in constitution.traits}
         self.judge = build_judge(self.config)
         self.judge_label = judge_name(self.config)
+        self.marks = load_marks(self.config.run.output_dir)
         self.out = StageOutput(self.config.run.output_dir, STAGE)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         if hasattr(self.judge, "remember"):
             self.judge.remember(sampled_logprobs(rows, self.systems))
-        result = rank_rows(rows, self.judge, self.config.rank, self.trait_texts, self.judge_label, self.systems)
+        result = rank_rows(rows, self.judge, self.config.rank, self.trait_texts, self.judge_label, self.systems,
+                           self.marks)
         key = batch_key([r["message_id"] for r in rows])
         for sub, schema, name in (("comparisons", schemas.COMPARISONS, "comparisons"),
                                   ("rejected", schemas.REJECTED, "rejected"), ("", schemas.PREFERENCES, "pairs")):
@@ -158,7 +169,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     require_complete(responses, "rank", schemas.RESPONSES)
     if not responses.part_files():
         raise StageInputError(f"rank: 0 responses to rank; {upstream_cause(responses)}")
-    constitution = load_constitution(config.traits.path, config.traits.only)
+    constitution = active_constitution(config, "rank")
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data

@@ -16,7 +16,8 @@ from character.runtime import (StageInputError, StageResult, Timer, committed_co
                                write_split)
 from character.splits import TRAIN
 from character.store import StageOutput, require_complete, seed_from_id
-from character.traits import Constitution, load_constitution
+from character.review import active_constitution, keep_active_traits, load_marks
+from character.traits import Constitution
 from character.tracking import tracked
 
 STAGE = "responses"
@@ -64,12 +65,15 @@ def run(config: Config, force: bool = False) -> StageResult:
         return skipped
     check_stage_config(config, "respond")
     require_complete(messages, "respond", schemas.MESSAGES)
-    splits = messages.read(schema=schemas.MESSAGES, columns=["split"]).column("split").to_pylist()
+    constitution = active_constitution(config, "respond")
+    dropped = sorted(load_marks(config.run.output_dir).dropped)
+    rows = messages.read(schema=schemas.MESSAGES, columns=["split", "trait"]).to_pylist()
+    splits = [r["split"] for r in rows if r["trait"] not in dropped]
     total = splits.count(TRAIN)
     if not total:
         raise StageInputError(f"respond: 0 messages to answer; {upstream_cause(messages)}, none of them in the "
-                              f"'{TRAIN}' split ({len(splits)} held out or adversarial)")
-    constitution = load_constitution(config.traits.path, config.traits.only)
+                              f"'{TRAIN}' split ({len(splits)} held out or adversarial"
+                              f"{', the rest of traits marked drop' if dropped else ''})")
     write_resolved_config(config)
     init_ray(config.ray)
     import ray.data
@@ -83,6 +87,7 @@ def run(config: Config, force: bool = False) -> StageResult:
             engine_sized_blocks(
                 ray.data.read_parquet(messages.part_files(), schema=schemas.MESSAGES, filesystem=messages._fs()[0])
                 .map_batches(keep_split, fn_kwargs=dict(split=TRAIN), batch_format="pyarrow")
+                .map_batches(keep_active_traits, fn_kwargs=dict(dropped=dropped), batch_format="pyarrow")
                 .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
                 .map_batches(add_prompts, fn_kwargs=dict(constitution_json=constitution.model_dump_json(),
                                                          mode=cfg.system_prompt, seed=config.run.seed),

@@ -8,6 +8,7 @@ with the same run directory resumes from it. The data position is the examples c
 """
 from __future__ import annotations
 
+from character import schemas
 from character.config import Config
 from character.runtime import StageResult
 from character.store import StageOutput
@@ -22,21 +23,39 @@ def _rewards(engine, tokenizer, rows, side: str, max_length: int):
     return pm_rewards(engine, tokenizer, [r["prompt"] for r in rows], [r[side] for r in rows], max_length)
 
 
-def _evaluate(engine, tokenizer, held, cfg, rank, world) -> dict:
-    """Held-out rewards of every validation pair, scored on every rank's shard (pair_trainer)."""
+def _pair_rewards(engine, tokenizer, rows, cfg, rank, world) -> tuple[list, list]:
+    """The PM's rewards of each pair's chosen and rejected response, scored on every rank's shard (a
+    collective: every rank calls it), in the order of `rows`."""
     import torch
 
-    from character.pair_trainer import gather_pair_scores, pair_metrics
+    from character.pair_trainer import gather_pair_scores
     from character.train_common import eval_mode
 
-    def score(rows):
-        return (_rewards(engine, tokenizer, rows, "chosen", cfg.max_length).tolist(),
-                _rewards(engine, tokenizer, rows, "rejected", cfg.max_length).tolist())
+    def score(batch):
+        return (_rewards(engine, tokenizer, batch, "chosen", cfg.max_length).tolist(),
+                _rewards(engine, tokenizer, batch, "rejected", cfg.max_length).tolist())
 
     with torch.no_grad(), eval_mode(engine):
-        chosen, rejected = gather_pair_scores(held, rank, world, cfg.micro_batch_size, score)
+        return gather_pair_scores(rows, rank, world, cfg.micro_batch_size, score)
+
+
+def _evaluate(engine, tokenizer, held, cfg, rank, world) -> dict:
+    from character.pair_trainer import pair_metrics
+
+    chosen, rejected = _pair_rewards(engine, tokenizer, held, cfg, rank, world)
     return pair_metrics(chosen, rejected, [r["p_chosen"] for r in held], [r["trait"] for r in held], cfg.margin,
                         cfg.calibration_bins)
+
+
+def pair_scores_table(train: list[dict], held: list[dict], chosen: list[float], rejected: list[float]):
+    """pm/pair_scores.parquet: the trained PM's rewards of every pair (`train + held` order)."""
+    import pyarrow as pa
+
+    rows = [{"pair_id": r["pair_id"], "message_id": r["message_id"], "trait": r["trait"],
+             "role": "train" if n < len(train) else "validation", "chosen_reward": float(c),
+             "rejected_reward": float(x)}
+            for n, (r, c, x) in enumerate(zip(train + held, chosen, rejected))]
+    return pa.Table.from_pylist(rows, schema=schemas.PM_PAIR_SCORES)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -75,11 +94,15 @@ def train_loop(loop_config: dict) -> None:
         return bradley_terry_loss(rc, rr, p, cfg.margin)
 
     summary = training.run(micro_loss, lambda: _evaluate(engine, tokenizer, held, cfg, training.rank, training.world))
+    scores = _pair_rewards(engine, tokenizer, train + held, cfg, training.rank, training.world) if cfg.score_pairs else None
     weights = full_state_dict(engine)
     plain_model_construction()
     if training.rank == 0:
         _export(config, model, weights, tokenizer, {**summary, "eval_pairs_total": len(held),
                                                     **lora.parameter_counts(model)})
+        if scores is not None:
+            StageOutput(config.run.output_dir, STAGE).write_table("pair_scores.parquet",
+                                                                  pair_scores_table(train, held, *scores))
 
 
 def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> None:

@@ -20,6 +20,7 @@ STAGE = "policy"
 def run(config: Config, force: bool = False) -> StageResult:
     from character.stage_checks import check_stage_config
     from character.ppo_trainer import read_metrics
+    from character.review import announce, load_marks
     from character.splits import ppo_messages
     from character.runtime import reset_train_state
     from character.train_common import check_resume_settings
@@ -36,6 +37,7 @@ def run(config: Config, force: bool = False) -> StageResult:
     require_complete(messages, "train-ppo", schemas.MESSAGES)
     if config.ppo.reward == "pm" or (config.ppo.uses_critic and config.ppo.critic_init == "pm"):
         require_complete(StageOutput(config.run.output_dir, "pm"), "train-ppo")
+    announce("train-ppo", config.run.output_dir, load_marks(config.run.output_dir))
     train, held = ppo_messages(config)
     if len(train) < config.ppo.prompts_per_iteration or not held:
         from character.runtime import StageInputError, upstream_cause
