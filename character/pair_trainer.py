@@ -19,17 +19,18 @@ from character.runtime import StageResult, Timer, init_ray, skip_or_reset, write
 from character.store import StageOutput, require_complete
 
 
-def load_pairs(output_dir: str, eval_fraction: float):
+def load_pairs(output_dir: str, eval_fraction: float, marks=None):
     """Training and validation pairs, both from the `train` split's messages (rank only ever sees those),
     divided by message (character/splits.py); unusable pairs set aside with a reason, and so are the pairs a
-    reviewer flagged (or whose message or trait they did: character/review.py)."""
+    reviewer flagged (or whose message or trait they did: character/review.py). `marks`: the review marks the
+    driver read (the workers train on what the driver checked, even if a reviewer marks more meanwhile)."""
     from character.pm_data import validate_pairs
     from character.review import load_marks
     from character.splits import pm_validation
 
     rows = StageOutput(output_dir, "preferences").read(schema=schemas.PREFERENCES).to_pylist()
     good, bad = validate_pairs(rows)
-    marks = load_marks(output_dir)
+    marks = load_marks(output_dir) if marks is None else marks
     reviewed = [(r, marks.set_aside_reason(r["trait"], r["message_id"], r["pair_id"])) for r in good]
     good = [r for r, reason in reviewed if reason is None]
     bad += [{**r, "reason": reason} for r, reason in reviewed if reason is not None]
@@ -115,7 +116,7 @@ def run_stage(config: Config, command: str, section: str, output: str, train_loo
     """The driver side of train-pm and train-dpo: skip a complete stage, check the config and the pairs before
     Ray starts, run `train_loop` on the Ray Train workers (resuming from `_train/<output>`), and commit.
     Returns (StageResult, the exported metrics.json); the metrics are None for a skipped stage."""
-    from character.review import announce, load_marks
+    from character.review import announce, load_marks, review_fingerprint
     from character.train_common import check_resume_settings, trainer_for
 
     out = StageOutput(config.run.output_dir, output)
@@ -125,15 +126,17 @@ def run_stage(config: Config, command: str, section: str, output: str, train_loo
     preferences = StageOutput(config.run.output_dir, "preferences")
     require_complete(preferences, command, schemas.PREFERENCES)
     eval_fraction = getattr(config, section).eval_fraction
-    announce(command, config.run.output_dir, load_marks(config.run.output_dir))
-    train, held, bad = load_pairs(config.run.output_dir, eval_fraction)
+    marks = load_marks(config.run.output_dir)
+    announce(command, config.run.output_dir, marks)
+    train, held, bad = load_pairs(config.run.output_dir, eval_fraction, marks)
     check_pairs(command, section, train, held, bad, preferences, eval_fraction)
-    check_resume_settings(config, output)
+    # Checkpoints resume only on the same pairs: a review that sets other pairs aside needs --force.
+    check_resume_settings(config, output, {"review_set_aside": review_fingerprint(bad)})
     write_resolved_config(config)
     init_ray(config.ray)
     result = StageResult(output, out.uri, rows_in=len(train) + len(held) + len(bad))
     with Timer() as timer:
-        trainer_for(config, train_loop, {"config": config.model_dump(mode="json")}, output).fit()
+        trainer_for(config, train_loop, {"config": config.model_dump(mode="json"), "review_marks": marks}, output).fit()
     metrics = out.read_json("metrics.json")
     result.seconds, result.rows_out = timer.seconds, len(train)
     result.drops.update(r["reason"] for r in bad)

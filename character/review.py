@@ -144,6 +144,13 @@ def clear_flag(output_dir: str, kind: str, target_id: str, reviewer: str) -> int
     return cleared
 
 
+def review_fingerprint(set_aside: list[dict]) -> str:
+    """What a review set aside of a stage's rows (their ids), as one string a resume can compare: "none" or
+    "<count>:<hash>"."""
+    ids = sorted(r.get("pair_id") or r.get("message_id") for r in set_aside if r["reason"] in (REVIEW_FLAG, REVIEW_DROP))
+    return f"{len(ids)}:{stable_id(*ids)}" if ids else "none"
+
+
 def announce(stage: str, output_dir: str, marks: ReviewMarks) -> None:
     if marks.dropped:
         print(f"[{stage}] review: skipping trait(s) {', '.join(sorted(marks.dropped))} (marked drop in "

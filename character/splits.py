@@ -30,18 +30,19 @@ def assign_split(message_id: str, held_out_fraction: float) -> str:
 
 
 def read_messages(output_dir: str, splits: tuple[str, ...]) -> list[dict]:
-    """Messages (message_id, trait, kind, text, split) of the given splits, in id order, less those of traits a
-    reviewer marked drop (character/review.py)."""
+    """Messages (message_id, trait, kind, text, split) of the given splits, in id order, less those a reviewer
+    flagged off-trait or whose trait they marked drop (character/review.py): PPO and evaluate read these."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from character.review import keep_active_traits, load_marks
+    from character.review import load_marks
 
     table = StageOutput(output_dir, "messages").read(schema=schemas.MESSAGES,
                                                      columns=["message_id", "trait", "kind", "text", "split"])
     table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits))))
-    table = keep_active_traits(table, sorted(load_marks(output_dir).dropped))
-    return sorted(table.to_pylist(), key=lambda r: r["message_id"])
+    marks = load_marks(output_dir)
+    rows = [r for r in table.to_pylist() if marks.set_aside_reason(r["trait"], r["message_id"]) is None]
+    return sorted(rows, key=lambda r: r["message_id"])
 
 
 def ppo_messages(config: Config) -> tuple[list[dict], list[dict]]:

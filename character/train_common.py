@@ -360,14 +360,15 @@ def resume_settings(config: Config, stage: str) -> dict:
     return values
 
 
-def check_resume_settings(config: Config, stage: str) -> None:
+def check_resume_settings(config: Config, stage: str, data: dict | None = None) -> None:
     """Before any training: checkpoints under `_train/<stage>` made with other settings than the config's
-    are refused, naming each difference; with no checkpoint yet, the config's settings are recorded."""
+    are refused, naming each difference; with no checkpoint yet, the config's settings are recorded. `data`:
+    settings of the training data beside the config's (what a review set aside), "none" when absent."""
     from character.config import ConfigError
     from character.store import StageOutput
 
     state = StageOutput(config.run.output_dir, f"_train/{stage}")
-    current = resume_settings(config, stage)
+    current = {**resume_settings(config, stage), **(data or {})}
     fs, root = split_uri(state.uri)
     import pyarrow.fs as pafs
 
@@ -375,7 +376,7 @@ def check_resume_settings(config: Config, stage: str) -> None:
     has_checkpoint = any(i.base_name.startswith("checkpoint_") for i in listing)
     if has_checkpoint and state.exists(SETTINGS_FILE):
         # A setting newer than the checkpoint (e.g. train.lora) was at its default when the checkpoint was made.
-        saved = {**resume_settings(Config(), stage), **state.read_json(SETTINGS_FILE)}
+        saved = {**resume_settings(Config(), stage), **{k: "none" for k in data or {}}, **state.read_json(SETTINGS_FILE)}
         diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} in the config"
                 for k, v in current.items() if saved.get(k) != v]
         if diff:

@@ -134,6 +134,11 @@ def test_a_dropped_trait_is_left_out_of_later_stages(tmp_path, make_config, caps
     assert [t.name for t in review.active_constitution(config, "respond").traits] == ["curiosity", "ai_nature"]
     assert "[respond] review: skipping trait(s) honesty, trait_0000 (marked drop in" in capsys.readouterr().out
     assert read_messages(str(tmp_path), ("train", "held_out")) == []  # PPO and evaluate read through this
+    review.save_verdict(str(tmp_path), "trait_0000", "keep", "", "ana")
+    held = read_messages(str(tmp_path), ("held_out",))
+    review.add_flag(str(tmp_path), "message", held[0]["message_id"], held[0]["message_id"], "trait_0000", "off_trait",
+                    "", "ana")
+    assert read_messages(str(tmp_path), ("held_out",)) == held[1:]  # a message flagged off-trait is left out too
     for name in ("curiosity", "ai_nature"):
         review.save_verdict(str(tmp_path), name, "drop", "", "ana")
     with pytest.raises(ValueError, match="every trait is marked drop"):
@@ -433,3 +438,23 @@ def test_run_from_a_stage_redoes_it_and_every_later_one(tmp_path, make_config, m
     with pytest.raises(SystemExit):
         cli.main(args + ["--from", "nope"])
     assert cli.main(args + ["policy.method=dpo", "--from", "train-pm"]) == 2  # not a stage of a DPO run
+
+
+def test_a_training_checkpoint_does_not_resume_on_pairs_a_review_changed(tmp_path, make_config):
+    """A stopped train-pm / train-dpo resumes only on the pairs it started with: flags added meanwhile need --force."""
+    import json
+
+    from character.train_common import SETTINGS_FILE, check_resume_settings
+
+    config = make_config(tmp_path)
+    set_aside = review.review_fingerprint([{"pair_id": "p1", "reason": review.REVIEW_FLAG},
+                                           {"pair_id": "p0", "reason": "bad_p_chosen"}])
+    assert set_aside.startswith("1:") and review.review_fingerprint([]) == "none"
+    check_resume_settings(config, "pm", {"review_set_aside": "none"})  # no checkpoint yet: recorded
+    (tmp_path / "_train" / "pm" / "checkpoint_000001").mkdir(parents=True)
+    check_resume_settings(config, "pm", {"review_set_aside": "none"})
+    with pytest.raises(ConfigError, match=rf"review_set_aside: 'none' in the checkpoint, '{set_aside}' in the config"):
+        check_resume_settings(config, "pm", {"review_set_aside": set_aside})
+    settings = tmp_path / "_train" / "pm" / SETTINGS_FILE
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "review_set_aside"}))
+    check_resume_settings(config, "pm", {"review_set_aside": "none"})  # a checkpoint from before reviews resumes

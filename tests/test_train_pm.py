@@ -23,7 +23,8 @@ def _run_dir(tmp_path, preferences):
 def _pm(run_dir, make_config, *overrides):
     from character.stages import train_pm
 
-    result = train_pm.run(make_config(run_dir, *RULE, *overrides))
+    # Scoring every pair for `character review` is checked once, below; the other PM runs here skip it.
+    result = train_pm.run(make_config(run_dir, *RULE, "pm.score_pairs=false", *overrides))
     return result, json.loads((run_dir / "pm" / "metrics.json").read_text())
 
 
@@ -35,7 +36,7 @@ def test_learns_the_rule_and_exports_a_loadable_model(tmp_path, preferences, mak
     from character import schemas
 
     run_dir = _run_dir(tmp_path, preferences)
-    result, metrics = _pm(run_dir, make_config, *LEARN, "train.checkpoint_every=1000")
+    result, metrics = _pm(run_dir, make_config, *LEARN, "train.checkpoint_every=1000", "pm.score_pairs=true")
     assert metrics["eval_accuracy"] >= 0.9, metrics
     assert result.extra["eval_accuracy"] == metrics["eval_accuracy"]
     assert set(metrics["per_trait_accuracy"]) == {"curiosity", "honesty", "ai_nature"}
@@ -54,6 +55,15 @@ def test_learns_the_rule_and_exports_a_loadable_model(tmp_path, preferences, mak
             rewards[side] = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
     accuracy = float((rewards["chosen"] > rewards["rejected"]).float().mean())
     assert accuracy == pytest.approx(metrics["eval_accuracy"], abs=1e-6)
+    # pm/pair_scores.parquet (what `character review` shows): every pair, scored by the exported model.
+    import pyarrow.parquet as pq
+
+    scores = {r["pair_id"]: r for r in pq.read_table(run_dir / "pm" / "pair_scores.parquet").to_pylist()}
+    pairs = StageOutput(str(run_dir), "preferences").read(schema=schemas.PREFERENCES).to_pylist()
+    assert set(scores) == {r["pair_id"] for r in pairs} and len(scores) == len(pairs)
+    assert [scores[r["pair_id"]]["role"] for r in held] == ["validation"] * len(held)
+    for side in ("chosen", "rejected"):
+        assert [scores[r["pair_id"]][f"{side}_reward"] for r in held] == pytest.approx(rewards[side].tolist(), abs=1e-4)
 
 
 def test_zero3_two_workers_trains_and_exports(tmp_path, preferences, make_config, repo):

@@ -93,7 +93,7 @@ def train_loop(loop_config: dict) -> None:
     setup_distributed(config.train.use_gpu)
     torch.manual_seed(config.run.seed)
     tokenizer = load_tokenizer(config.model.name)
-    train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction)
+    train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction, loop_config.get("review_marks"))
     world = torch.distributed.get_world_size()
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
     base, dtype = resolve_model(config.model.name), getattr(torch, config.train_dtype)

@@ -76,7 +76,7 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(seed)
     base = cfg.base_model or config.model.name
     tokenizer = load_tokenizer(base)
-    train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction)
+    train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction, loop_config.get("review_marks"))
     world = torch.distributed.get_world_size()
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
     model = lora.wrap(build_under_zero(lambda: AutoModelForSequenceClassification.from_pretrained(
