@@ -31,7 +31,7 @@ def time_once(run_dir: str, trait: str, message_id: str) -> dict:
     start = time.perf_counter()
     app = create_app(run_dir, "bench", token="t")
     times["read and index"] = time.perf_counter() - start
-    client = TestClient(app, client=("127.0.0.1", 1))
+    client = TestClient(app, client=("127.0.0.1", 1), base_url="http://127.0.0.1")
     for label, path in (("first view (trait list)", "/"), ("trait page", f"/trait/{trait}"),
                         ("pairs tab", f"/trait/{trait}?tab=pairs&disagree=1"),
                         ("answers by PM change", f"/trait/{trait}?tab=answers&sort=pm_change"),

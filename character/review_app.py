@@ -3,9 +3,9 @@ researcher goes through a run trait by trait and marks what is wrong; the marks 
 (character/review.py), which the stages honour on a rerun.
 
 Access: bound to 127.0.0.1 by default. Bound elsewhere, the printed URL carries a random token, and a request
-from a non-loopback client without it (query `token=` once, then a cookie) is refused with 403. Every form
-post carries the token whatever the client (a page elsewhere cannot post marks through the reviewer's
-browser).
+from a non-loopback client without it (query `token=` once, then a cookie) is refused with 403, as is one
+from a loopback client that names another host (DNS rebinding). Every form post carries the token whatever
+the client (a page elsewhere cannot post marks through the reviewer's browser).
 """
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host or "").is_loopback
     except ValueError:
         return False
+
+
+def is_local_name(host_header: str) -> bool:
+    """Whether a Host header names this machine through loopback: localhost, 127.x.x.x or [::1], any port."""
+    name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+    name = name.strip("[]").lower()
+    return name == "localhost" or is_loopback(name)
 
 
 def _num(value, digits: int = 3) -> str:
@@ -166,7 +173,10 @@ def create_app(run_dir: str, reviewer: str | None = None, token: str | None = No
         async def dispatch(self, request, call_next):
             supplied = request.query_params.get("token") or request.cookies.get(COOKIE) or ""
             valid = hmac.compare_digest(supplied, token)
-            if not is_loopback(request.client.host if request.client else None) and not valid:
+            loopback = is_loopback(request.client.host if request.client else None)
+            # A loopback client without the token must also name a loopback host: a page served from another
+            # name that resolves to 127.0.0.1 (DNS rebinding) cannot read the pages, nor the token in their forms.
+            if not valid and not (loopback and is_local_name(request.headers.get("host", ""))):
                 return PlainTextResponse("403: this review server needs its token (open the URL it printed)",
                                          status_code=403)
             response = await call_next(request)

@@ -407,7 +407,7 @@ def test_review_reads_the_run_on_object_storage_and_a_dropped_trait_reaches_char
     assert accuracy == pytest.approx(pm["eval_accuracy"], abs=1.01 / len(validation))  # the same final PM
 
     app = create_app(run_uri, "pipeline-test", token="t")
-    client = TestClient(app, client=("127.0.0.1", 50000), follow_redirects=False)
+    client = TestClient(app, client=("127.0.0.1", 50000), follow_redirects=False, base_url="http://127.0.0.1")
     assert client.get("/").text.count('class="trait-row"') == 3
     fs, root = pafs.FileSystem.from_uri(run_uri)
     with fs.open_input_stream(f"{root}/eval/summary.json") as f:

@@ -24,7 +24,7 @@ from synthetic_run import synthetic_run
 def _client(app, host="127.0.0.1"):
     from starlette.testclient import TestClient
 
-    return TestClient(app, client=(host, 50000), follow_redirects=False)
+    return TestClient(app, client=(host, 50000), follow_redirects=False, base_url="http://127.0.0.1:8765")
 
 
 def test_marks_are_written_whole_and_keep_their_history(tmp_path):
@@ -195,6 +195,11 @@ def test_a_non_loopback_client_needs_the_token_and_every_form_carries_it(tmp_pat
     assert remote.get(f"/trait/{info['traits'][0]}").status_code == 200  # the cookie set by the first visit
     local = _client(app)
     assert local.get("/").status_code == 200  # loopback: no token for reading
+    # ... when it names a loopback host: not a page from another name resolved to 127.0.0.1 (DNS rebinding)
+    assert local.get("/", headers={"host": "rebind.example:8765"}).status_code == 403
+    assert local.get("/", headers={"host": "localhost:8765"}).status_code == 200
+    assert local.get("/", headers={"host": "[::1]:8765"}).status_code == 200
+    assert local.get("/?token=s3cret", headers={"host": "review.example"}).status_code == 200
     form = {"trait": info["traits"][0], "verdict": "keep", "note": "", "next": "/"}
     assert local.post("/verdict", data=form).status_code == 403  # a form without the token is refused
     assert not (tmp_path / "review").exists()
