@@ -57,12 +57,11 @@ def validate(config: Config, stages: list[str]) -> None:
                               f"not installed (pip install {config.tracking.backend}), or set tracking.backend: none")
 
 
-def run_progress(config: Config, names: list[str]):
+def run_progress(config: Config, names: list[str], marks):
     from character.progress import RunProgress, stage_work
-
     from character.review import active_constitution
 
-    constitution = active_constitution(config, "run", quiet=True)
+    constitution = active_constitution(config, "run", quiet=True, marks=marks)
     work = stage_work(config, len(constitution.traits), sum(len(t.questions) for t in constitution.traits))
     return RunProgress(names, work)
 
@@ -118,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     # Once a stage does work, every later stage is redone: its inputs have changed.
     redo = args.force
     worked, results = [], []
-    progress = run_progress(config, names) if args.command == "run" else None
+    progress = None
     if args.command == "run":
         from character.review import announce, load_marks
 
-        announce("run", config.run.output_dir, load_marks(config.run.output_dir))
+        marks = load_marks(config.run.output_dir)
+        announce("run", config.run.output_dir, marks)
+        progress = run_progress(config, names, marks)
     for index, name in enumerate(names):
         stage = importlib.import_module(STAGES[name])
         redo = redo or name == from_stage

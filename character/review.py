@@ -47,10 +47,16 @@ class ReviewMarks:
     def dropped(self) -> set[str]:
         return {t for t, v in self.verdicts.items() if v.get("verdict") == "drop"}
 
+    def __post_init__(self):
+        # Looked up once per pair or message by rank and the pair trainers: built once, not per lookup.
+        self._active = {kind: {f["target_id"]: f for f in self.flags if f["cleared_at"] is None and f["kind"] == kind}
+                        for kind in FLAG_CHOICES}
+
     def active_flags(self, kind: str | None = None) -> dict[str, dict]:
         """target id -> flag row, for flags not cleared (of one kind, or all)."""
-        return {f["target_id"]: f for f in self.flags
-                if f["cleared_at"] is None and (kind is None or f["kind"] == kind)}
+        if kind is not None:
+            return self._active.get(kind, {})
+        return {target: f for flags in self._active.values() for target, f in flags.items()}
 
     def set_aside_reason(self, trait: str, message_id: str, pair_id: str | None = None) -> str | None:
         """Why a row of this trait / message / pair is left out on review's word, or None."""
@@ -157,13 +163,14 @@ def announce(stage: str, output_dir: str, marks: ReviewMarks) -> None:
               f"{_review(output_dir).path(VERDICTS)})", flush=True)
 
 
-def active_constitution(config, stage: str, quiet: bool = False):
-    """The constitution the stage works on: the config's traits less those a reviewer marked `drop`."""
+def active_constitution(config, stage: str, quiet: bool = False, marks: ReviewMarks | None = None):
+    """The constitution the stage works on: the config's traits less those a reviewer marked `drop` (`marks`:
+    the run's, if the caller has read them)."""
     from character.runtime import StageInputError
     from character.traits import load_constitution
 
     constitution = load_constitution(config.traits.path, config.traits.only)
-    marks = load_marks(config.run.output_dir)
+    marks = load_marks(config.run.output_dir) if marks is None else marks
     if not marks.dropped:
         return constitution
     if not quiet:

@@ -65,8 +65,9 @@ def run(config: Config, force: bool = False) -> StageResult:
         return skipped
     check_stage_config(config, "respond")
     require_complete(messages, "respond", schemas.MESSAGES)
-    constitution = active_constitution(config, "respond")
-    dropped = sorted(load_marks(config.run.output_dir).dropped)
+    marks = load_marks(config.run.output_dir)
+    constitution = active_constitution(config, "respond", marks=marks)
+    dropped = sorted(marks.dropped)
     rows = messages.read(schema=schemas.MESSAGES, columns=["split", "trait"]).to_pylist()
     splits = [r["split"] for r in rows if r["trait"] not in dropped]
     total = splits.count(TRAIN)
