@@ -43,14 +43,15 @@ class ReviewMarks:
     verdicts: dict[str, dict] = field(default_factory=dict)  # trait -> {verdict, note, reviewer, updated_at}
     flags: list[dict] = field(default_factory=list)  # rows of flags.parquet, cleared ones included
 
-    @property
-    def dropped(self) -> set[str]:
-        return {t for t, v in self.verdicts.items() if v.get("verdict") == "drop"}
-
     def __post_init__(self):
         # Looked up once per pair or message by rank and the pair trainers: built once, not per lookup.
+        self._dropped = frozenset(t for t, v in self.verdicts.items() if v.get("verdict") == "drop")
         self._active = {kind: {f["target_id"]: f for f in self.flags if f["cleared_at"] is None and f["kind"] == kind}
                         for kind in FLAG_CHOICES}
+
+    @property
+    def dropped(self) -> frozenset[str]:
+        return self._dropped
 
     def active_flags(self, kind: str | None = None) -> dict[str, dict]:
         """target id -> flag row, for flags not cleared (of one kind, or all)."""

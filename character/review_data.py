@@ -193,12 +193,12 @@ class RunView:
     def set_aside_by_rank(self, name: str) -> list[dict]:
         return self.rank_rejected.rows(name)
 
-    def answers_of(self, name: str, split: str = "held_out", sort: str = "") -> list[dict]:
-        """Base vs trained answers per evaluation message (sample 0 shown; rewards averaged over samples);
-        `sort=pm_change`: largest |trained − base| PM reward change first."""
+    def answers_of(self, name: str, split: str = "held_out", sort: str = "", message_id: str = "") -> list[dict]:
+        """Base vs trained answers per evaluation message (sample 0 shown; rewards averaged over samples), of one
+        split (or both) and one message (or all); `sort=pm_change`: largest |trained − base| PM change first."""
         by_message: dict[str, dict] = {}
         for r in self.eval.rows(name):
-            if split and r["split"] != split:
+            if (split and r["split"] != split) or (message_id and r["message_id"] != message_id):
                 continue
             m = by_message.setdefault(r["message_id"], {"message_id": r["message_id"], "prompt": r["prompt"],
                                                         "split": r["split"], "base": [], "trained": []})
@@ -228,6 +228,6 @@ class RunView:
                        for c in self.comparisons.rows(message_id)]
         flags = self.marks.active_flags("pair")
         pairs = [self._with_scores(p, flags) for p in self.pairs_by_message.rows(message_id)]
-        answers = [a for a in self.answers_of(msg["trait"], split="") if a["message_id"] == message_id]
+        answers = self.answers_of(msg["trait"], split="", message_id=message_id)
         return {**msg, "response": responses[0] if responses else None, "comparisons": comparisons, "pairs": pairs,
                 "answers": answers, "flag": self.marks.active_flags("message").get(message_id)}
