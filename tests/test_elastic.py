@@ -9,6 +9,7 @@ exactly once in the output: kept as a message or set aside with a reason, none l
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-PER_TRAIT = 1500  # enough work that generation outlasts the node changes (the stage takes ~100 s here)
+# Enough work that generation outlasts the node changes: here the added node's actor was up and the node
+# removed after ~530 of ~1,130 parts at 1,500 a trait; with 1,000 about 750 parts are made in all.
+PER_TRAIT = 1000
 
 
 def _alive_engines(address: str) -> list[dict]:
@@ -43,8 +46,14 @@ def _wait_for(what: str, predicate, driver: subprocess.Popen, log: Path, timeout
 def cluster():
     from ray.cluster_utils import Cluster
 
-    # Logical CPUs: 3 on the head = one 2-CPU engine actor + a CPU for the pipeline's light tasks.
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "object_store_memory": 512 * 1024 ** 2})
+    # Logical CPUs: 3 on the head = one 2-CPU engine actor + a CPU for the pipeline's light tasks. Its own
+    # dashboard port: with the session's Ray (ray_local) already on 8265, the head's dashboard failed to bind and
+    # the state API (_alive_engines) found no dashboard address in the cluster's GCS.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "object_store_memory": 512 * 1024 ** 2,
+                                                      "dashboard_port": dashboard_port})
     try:
         yield c
     finally:

@@ -113,9 +113,10 @@ def token_cluster(tmp_path_factory, s3):
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster's processes it started
         try:
-            head.wait(timeout=10)
+            head.wait(timeout=2)
         except subprocess.TimeoutExpired:
-            # Its graceful stop takes ~35 s here; the whole group (head, raylet, workers: one session) goes now.
+            # Its graceful stop takes ~35 s here (a 10 s wait always ran out); the whole group (head, raylet,
+            # workers: one session, nothing of it kept) goes now.
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
 
