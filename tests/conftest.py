@@ -10,10 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): it sees a
-# finished, failed or restarted group only at the next poll. On runs of seconds that wait is a large share, so the
+# finished, failed or restarted group only at the next poll, up to 2 s late each time on runs of seconds; the
 # tests poll at 0.5 s (set before any Ray starts: the local Rays, the test clusters and the stage subprocesses
-# inherit it; the fault drills wait an interval plus 1.5 s, train_common.maybe_inject_fault). The PM fault test
-# took 126 s at 2 s and 100 s at 0.5 s here.
+# inherit it; the fault drills wait an interval plus 1.5 s, train_common.maybe_inject_fault).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
