@@ -405,10 +405,11 @@ def maybe_inject_fault(config: Config, step: int) -> None:
 
     if ray.train.get_context().get_world_rank() == 0 and json.loads(path.read_text()).get("step") == step:
         path.unlink()
-        # Ray Train V2's controller registers a reported checkpoint when it next polls the workers (every
-        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a crash inside that window loses the latest
-        # registration and resume falls back one checkpoint. Wait it out so drills are deterministic.
-        time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.5)
+        # Ray Train V2's controller registers a reported checkpoint when it next polls the workers; a crash
+        # before that loses the registration and resume falls back one checkpoint. Waiting until every report
+        # so far is committed (the controller has saved its snapshot) makes the drill deterministic, however
+        # slow the controller's poll.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         os._exit(1)
 
 

@@ -12,7 +12,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): it sees a
 # finished, failed or restarted group only at the next poll, up to 2 s late each time on runs of seconds; the
 # tests poll at 0.5 s (set before any Ray starts: the local Rays, the test clusters and the stage subprocesses
-# inherit it; the fault drills wait an interval plus 1.5 s, train_common.maybe_inject_fault).
+# inherit it; the fault drills wait for the controller to commit the last checkpoint, whatever the interval:
+# train_common.maybe_inject_fault).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 

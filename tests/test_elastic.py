@@ -2,9 +2,14 @@
 
 `synthesize` runs as its own driver process against the cluster, with an engine pool of (min 1, max 2)
 actors of 2 CPUs each. The head has room for one actor only, so the pool can grow only onto a node added
-during generation. Then that node is removed mid-generation (its actor dies with it) and a replacement
-joins; Ray Data restarts the actor there and retries its batches. Every generation request must end up
-exactly once in the output: kept as a message or set aside with a reason, none lost, none twice.
+during generation. Then that node is removed mid-batch (its actor dies with it) and a replacement joins;
+Ray Data restarts the actor there and retries its batches. Every generation request must end up exactly
+once in the output (kept as a message or set aside with a reason, none lost, none twice), with the texts
+of an undisturbed run.
+
+The node changes land inside the stage by construction, whatever the machine's speed or the workload's
+size: batch gates (character.gates) hold every batch after the first until the pool has grown, and every
+batch after the third until the added node, which has committed a batch and holds the next, is gone.
 """
 from __future__ import annotations
 
@@ -17,11 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from character import gates
+
 pytestmark = pytest.mark.slow
 
-# Enough work that generation outlasts the node changes: here the added node's actor was up and the node
-# removed after ~530 of ~1,130 parts at 1,500 a trait; with 1,000 about 750 parts are made in all.
-PER_TRAIT = 1000
+# 3 x (40 + 4) requests in batches of 4, one batch at a time per actor: 33 batches, of which the holds need 5.
+PER_TRAIT = 40
+GROWN, REMOVED = 1, 3  # batches after the first wait for the added node; after the third, for its removal
+WAIT_S = 240.0  # a bound for a broken run only: every wait below is for an event the gates make happen
 
 
 def _alive_engines(address: str) -> list[dict]:
@@ -31,14 +39,14 @@ def _alive_engines(address: str) -> list[dict]:
     return [a for a in actors if "ChatGenerator" in (a.get("class_name") or "")]
 
 
-def _wait_for(what: str, predicate, driver: subprocess.Popen, log: Path, timeout: float = 240.0):
+def _wait_for(what: str, predicate, driver: subprocess.Popen, log: Path, timeout: float = WAIT_S):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         assert driver.poll() is None, f"the driver exited before {what}:\n{log.read_text()[-3000:]}"
-        time.sleep(1.0)
+        time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
 
@@ -60,36 +68,61 @@ def cluster():
         c.shutdown()
 
 
+def _overrides(repo, run_dir: Path, cluster) -> list[str]:
+    return [f"run.output_dir={run_dir}", f"traits.path={repo / 'configs/traits/tiny.yaml'}",
+            f"ray.address={cluster.address}", f"synthesize.messages_per_trait={PER_TRAIT}", "engine.actors.min=1",
+            "engine.actors.max=2", "engine.batch_size=4", "engine.concurrent_batches=1", "engine.num_cpus_per_actor=2"]
+
+
+def _driver(repo, run_dir: Path, cluster, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rayjobs.synthesize", "--config", str(repo / "configs/tiny.yaml"),
+                             *_overrides(repo, run_dir, cluster)],
+                            cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _raw_texts(run_dir: Path) -> dict[str, str]:
+    from character import schemas
+    from character.store import StageOutput
+
+    raw = StageOutput(str(run_dir), "messages").read("_work", schema=schemas.RAW_MESSAGES)
+    return dict(zip(raw.column("request_id").to_pylist(), raw.column("raw_text").to_pylist()))
+
+
 def test_pool_grows_onto_an_added_node_and_survives_a_removed_one(cluster, tmp_path, repo, make_config):
-    run_dir = tmp_path / "run"
-    overrides = [f"run.output_dir={run_dir}", f"traits.path={repo / 'configs/traits/tiny.yaml'}",
-                 f"ray.address={cluster.address}", f"synthesize.messages_per_trait={PER_TRAIT}",
-                 "engine.actors.min=1", "engine.actors.max=2", "engine.batch_size=4", "engine.num_cpus_per_actor=2"]
-    config = make_config(run_dir, *overrides)  # the same config the driver loads: validate it here too
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run_dir, folder = tmp_path / "run", tmp_path / "gates"
+    base_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", gates.GATES_ENV)}
+    config = make_config(run_dir, *_overrides(repo, run_dir, cluster))  # the driver's config: validate it here too
     log = tmp_path / "driver.log"
-    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.synthesize", "--config", str(repo / "configs/tiny.yaml"),
-                               *overrides], cwd=repo, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    work = run_dir / "messages" / "_work"
-    parts = lambda: len(list(work.glob("part-*.parquet"))) if work.is_dir() else 0  # noqa: E731
+    driver = _driver(repo, run_dir, cluster, {**base_env, **gates.prepare(folder, [GROWN, REMOVED])}, log)
     try:
-        _wait_for("the first generated part", lambda: parts() >= 2, driver, log)  # seed questions + one batch
+        _wait_for("the first batch", lambda: gates.done(folder), driver, log)
         assert len(_alive_engines(cluster.address)) == 1  # the head holds one engine actor, no more
 
         added = cluster.add_node(num_cpus=4)
         engines = _wait_for("the pool to grow onto the added node",
                             lambda: e if len(e := _alive_engines(cluster.address)) == 2 else None, driver, log)
         assert added.node_id in {e["node_id"] for e in engines}
-        parts_before_removal = parts()
+        added_claims = lambda: {n for n, c in gates.claims(folder).items() if c["node_id"] == added.node_id}  # noqa: E731
+        _wait_for("the added node's actor to take a batch", added_claims, driver, log)
+        gates.open_hold(folder, GROWN)
 
-        cluster.remove_node(added, allow_graceful=False)  # its engine actor dies mid-generation
+        def committed_one_and_holds_the_next():
+            mine, finished = added_claims(), gates.done(folder)
+            return mine & finished and any(n > REMOVED and n not in finished for n in mine)
+
+        _wait_for("the added node's actor to commit a batch and hold the next", committed_one_and_holds_the_next,
+                  driver, log)
+        lost = {n for n in added_claims() if n not in gates.done(folder)}
+        cluster.remove_node(added, allow_graceful=False)  # its engine actor dies mid-batch
         cluster.add_node(num_cpus=4)  # a replacement node, where Ray restarts the lost actor
+        gates.open_hold(folder, REMOVED)
         assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         if driver.poll() is None:
             driver.kill()
     text = log.read_text()
-    assert parts_before_removal < parts(), "the node was removed after generation had finished"
+    # The removed node's batch died with it, and every other batch (its retry included) was committed.
+    assert not lost & gates.done(folder) and set(gates.claims(folder)) == gates.done(folder) | lost
 
     from character.synthesis import expand_requests, seed_question_rows
     from character.store import StageOutput
@@ -108,3 +141,9 @@ def test_pool_grows_onto_an_added_node_and_survives_a_removed_one(cluster, tmp_p
     produced = kept + set_aside
     assert len(produced) == len(set(produced)), "a request appears twice"
     assert sorted(produced) == sorted(expected), "a request was lost"
+
+    # The same texts as a run that no node change disturbed (per-request seeds: who generated what is moot).
+    undisturbed_dir, undisturbed_log = tmp_path / "undisturbed", tmp_path / "undisturbed.log"
+    undisturbed = _driver(repo, undisturbed_dir, cluster, base_env, undisturbed_log)
+    assert undisturbed.wait(timeout=600) == 0, undisturbed_log.read_text()[-3000:]
+    assert _raw_texts(run_dir) == _raw_texts(undisturbed_dir)

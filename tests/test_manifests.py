@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 import re
 import shlex
 from collections import Counter
@@ -29,7 +30,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+# Beside the clone in this project's workspace; anywhere else with CHARACTER_KUBERAY_CRDS.
+CRD_DIR = Path(os.environ.get("CHARACTER_KUBERAY_CRDS") or REPO.parent / "shared" / "kuberay-crds")
 CLUSTER_DIR = REPO / "cluster"
 DOCS = REPO / "docs" / "cluster.md"
 DOCKERFILE = CLUSTER_DIR / "Dockerfile"
@@ -123,8 +125,34 @@ def _doc_id(item: tuple[Path, int, dict]) -> str:
 
 RAY_DOCS = ray_docs() if CLUSTER_DIR.is_dir() else []
 
-CRD_SKIP_REASON = f"KubeRay CRDs not found at {CRD_DIR} (expected ../shared/kuberay-crds next to the repo)"
-needs_crds = pytest.mark.skipif(not CRD_DIR.is_dir(), reason=CRD_SKIP_REASON)
+def kuberay_version() -> str:
+    """The KubeRay release the manifests in cluster/ name as validated against ("... v1.7.0 CRDs")."""
+    versions = {m for path in manifest_files() for m in re.findall(r"(v\d+\.\d+\.\d+) CRDs", path.read_text())}
+    assert len(versions) == 1, f"cluster/ must name one KubeRay CRD version, found {sorted(versions) or 'none'}"
+    return versions.pop()
+
+
+def require_crds() -> None:
+    """The CRD-schema checks skip where the CRDs are missing, saying where they come from; with
+    CHARACTER_REQUIRE_CRDS=1 (CI sets it) they fail instead, so no run passes without them unnoticed."""
+    if all((CRD_DIR / name).is_file() for name in CRD_FILES.values()):
+        return
+    version = kuberay_version()
+    base = f"https://raw.githubusercontent.com/ray-project/kuberay/{version}/ray-operator/config/crd/bases"
+    message = (f"KubeRay CRDs not found at {CRD_DIR}: they are KubeRay {version}'s release manifests "
+               f"({', '.join(f'{base}/{name}' for name in sorted(CRD_FILES.values()))}); put them there, or set "
+               f"CHARACTER_KUBERAY_CRDS to their folder")
+    if os.environ.get("CHARACTER_REQUIRE_CRDS") == "1":
+        pytest.fail(message + " (CHARACTER_REQUIRE_CRDS=1: they may not be skipped)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def crds() -> None:
+    require_crds()
+
+
+needs_crds = pytest.mark.usefixtures("crds")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -781,13 +809,24 @@ def _mutation_cases():
 
 @pytest.mark.parametrize("doc,check,mutate,target", list(_mutation_cases()))
 def test_broken_copy_is_caught(doc, check, mutate, target):
-    if check == "schema" and not CRD_DIR.is_dir():
-        pytest.skip(CRD_SKIP_REASON)
+    if check == "schema":
+        require_crds()
     assert CHECKS[check](doc) == [], "the original must pass before a broken copy means anything"
     broken = copy.deepcopy(doc)
     mutate(cluster_spec(broken) if target == "cluster" else broken["spec"])
     problems = CHECKS[check](broken)
     assert problems, f"{check} check missed the broken copy"
+
+
+def test_missing_crds_skip_naming_their_source_and_fail_where_required(monkeypatch, tmp_path):
+    monkeypatch.setitem(globals(), "CRD_DIR", tmp_path / "no-crds")
+    monkeypatch.delenv("CHARACTER_REQUIRE_CRDS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"KubeRay v1\.7\.0's release manifests .*/v1\.7\.0/ray-operator/"
+                                                     r"config/crd/bases/ray\.io_rayclusters\.yaml"):
+        require_crds()
+    monkeypatch.setenv("CHARACTER_REQUIRE_CRDS", "1")
+    with pytest.raises(pytest.fail.Exception, match="may not be skipped"):
+        require_crds()
 
 
 @needs_crds

@@ -1,18 +1,19 @@
 """A stage killed midway (SIGKILL to the driver and its local Ray) and rerun loses and repeats nothing."""
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from processes import kill_tree
 
-from character import schemas
+from character import gates, schemas
 from character.store import StageOutput
 
 pytestmark = pytest.mark.slow
 
 PER_TRAIT = 60  # 3 x (60 + 4) generation requests in batches of 8: the first run is killed after two batches
+COMMITTED = 2  # batch gates (character.gates) hold every later batch, so the kill lands midway by construction
 
 
 def _stage_cmd(repo, out_dir, *overrides):
@@ -21,36 +22,27 @@ def _stage_cmd(repo, out_dir, *overrides):
             "synthesize.sampling.max_tokens=64", *overrides]
 
 
-def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-
-
 def test_synthesize_killed_midway_resumes_exactly_once(tmp_path, repo):
     out = StageOutput(str(tmp_path), "messages")
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {k: v for k, v in os.environ.items() if k != gates.GATES_ENV}
+    env["RAY_ADDRESS"] = ""
+    folder = tmp_path / "gates"
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_stage_cmd(repo, tmp_path), cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(_stage_cmd(repo, tmp_path), cwd=repo, env={**env, **gates.prepare(folder, [COMMITTED])},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            generated = [p for p in out.part_files("_work") if "seed-questions" not in p]
-            if len(generated) >= 2:
-                break
+        deadline = time.time() + 300  # a bound for a broken run only
+        while len(gates.done(folder)) < COMMITTED:
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, f"{COMMITTED} batches not committed within 300 s"
             time.sleep(0.1)
-        else:
-            pytest.fail("no generation parts committed within 300 s")
     finally:
-        _kill_group(proc)
+        kill_tree(proc)  # the driver, its local Ray and Ray's workers, all gone when it returns
     assert not out.complete()
+    assert gates.done(folder) == set(range(1, COMMITTED + 1))  # the held batches died with the driver
     first = out.read("_work", schema=schemas.RAW_MESSAGES)
     first_texts = dict(zip(first.column("request_id").to_pylist(), first.column("raw_text").to_pylist()))
-    assert 0 < len(first_texts) < 3 * (PER_TRAIT + 4) + 6  # interrupted midway (4 adversarial requests per trait for evaluation)
+    assert 6 < len(first_texts) <= 6 + COMMITTED * 8  # the seed questions and two batches of at most 8, no more
 
     second = subprocess.run(_stage_cmd(repo, tmp_path), cwd=repo, env=env, capture_output=True, text=True,
                             timeout=600)
