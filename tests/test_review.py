@@ -282,14 +282,20 @@ def _browser():
 
 
 def _load(driver, element) -> None:
-    """Click a link or a submit button and wait for the next page (a click does not wait for navigation)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
+    """Click a link or a submit button and wait for the next page (a click does not wait for navigation).
+
+    Why a mark on the old page's window rather than selenium's `staleness_of` on its <html>: while the page
+    navigates, ChromeDriver sometimes answers the stale element's probe with "unknown error: unhandled
+    inspector error: Node with given id does not belong to the document" instead of a stale-element error,
+    and `staleness_of` fails on it (seen once in CI). A new document starts with a new window object, so the
+    mark is gone exactly when the next page is there; errors of the half-navigated page are polled past."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    page = driver.find_element(By.TAG_NAME, "html")
+    driver.execute_script("window.__characterPreviousPage = true")
     element.click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,)).until(lambda d: d.execute_script(
+        "return window.__characterPreviousPage === undefined && document.readyState === 'complete'"))
 
 
 def _flag(driver, row, row_class: str, id_attribute: str, note: str) -> str:
