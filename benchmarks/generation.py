@@ -2,7 +2,7 @@
 
 What it measures (tokens/s = new tokens actually generated / seconds), on the same model, the same chat
 prompts (built like the synthesize stage: `synthesis_prompt` over the traits of
-configs/traits/constitution.yaml, chat template via `character.engine.chat_token_ids`, one seed per
+configs/traits/constitution.yaml, chat template via `character.inference.engine.chat_token_ids`, one seed per
 row) and the same sampling settings (temperature, top_p, n, max_tokens; top-k off everywhere):
 
   ray    Ray Data end to end: `ray.data.from_items(rows).map_batches(ChatGenerator, ...,
@@ -10,7 +10,7 @@ row) and the same sampling settings (temperature, top_p, n, max_tokens; top-k of
          last row, INCLUDING the actor's start-up (import vllm + vllm.LLM() happen in the actor). A local
          Ray (`ray.init(num_cpus=4, object_store_memory=...)`) is started ONCE before the repetitions and
          is not timed; it stays up (idle) while the other contenders run.
-  direct `character.engine.create_llm` + `character.engine.generate_chat` in a fresh subprocess per
+  direct `character.inference.engine.create_llm` + `character.inference.engine.generate_chat` in a fresh subprocess per
          repetition. "cold" = from before create_llm (which imports vllm) to the end; "warm" = the
          generate_chat call only, in the same subprocess.
   hf     transformers `model.generate` (left padding, do_sample, temperature/top_p, top_k=0,
@@ -20,7 +20,7 @@ row) and the same sampling settings (temperature, top_p, n, max_tokens; top-k of
 
 Engine: `EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512, actors 1..1)`, so the
 OpenMP thread count (2) is the same in all three. The Ray path runs `--batch-size` rows per call and up to
-`engine.concurrent_batches` calls at once per actor (character/shared_engine.py; `--concurrent-batches`). The tiny random models rarely emit eos and
+`engine.concurrent_batches` calls at once per actor (character/inference/shared_engine.py; `--concurrent-batches`). The tiny random models rarely emit eos and
 SamplingConfig has no ignore_eos, so outputs are nearly fixed-length; the actual new tokens are counted
 (vLLM: sum of len(token_ids); HF: tokens up to and including the first eos, padding excluded).
 
@@ -44,26 +44,25 @@ Run (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/generation.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import (ROOT, add_dtype, add_model, argument_parser, child_env, choose,  # noqa: E402
+                                 emit_result, fmt, load_line, ratio, rotation, run_worker, script_command)
 
 CONTENDERS = ("ray", "direct", "hf")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-llama", help="built-in random model, local path or HF id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = argument_parser(__doc__)
+    add_model(p)
+    add_dtype(p)
     p.add_argument("--prompts", type=int, default=400, help="chat prompts (rows)")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per sample")
@@ -92,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def engine_config(args):
-    from character.config import EngineConfig
+    from character.core.config import EngineConfig
 
     extra = {} if args.concurrent_batches is None else {"concurrent_batches": args.concurrent_batches}
     return EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1, max_model_len=512,
@@ -100,17 +99,17 @@ def engine_config(args):
 
 
 def sampling_config(args):
-    from character.config import SamplingConfig
+    from character.core.config import SamplingConfig
 
     return SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n=args.n)
 
 
 def build_rows(args) -> list[dict]:
     """Chat prompts over the constitution's traits (--prompts-from), one seed per row."""
-    from character.config import SynthesizeConfig
-    from character.prompts import SYNTH_SYSTEM, character_system_prompt, synthesis_prompt
-    from character.store import seed_from_id, stable_id
-    from character.traits import load_constitution
+    from character.core.config import SynthesizeConfig
+    from character.data.prompts import SYNTH_SYSTEM, character_system_prompt, synthesis_prompt
+    from character.core.store import seed_from_id, stable_id
+    from character.core.traits import load_constitution
 
     constitution = load_constitution(args.traits)
     traits = constitution.traits
@@ -133,21 +132,17 @@ def build_rows(args) -> list[dict]:
     return rows
 
 
-def emit(result: dict) -> None:
-    print("RESULT " + json.dumps(result), flush=True)
-
-
 # --------------------------------------------------------------------------------------------- workers
 
 
 def worker_direct(args) -> None:
     """Fresh process: create_llm (imports vllm) + generate_chat; cold and warm timings."""
-    from character.engine import create_llm, generate_chat
+    from character.inference.engine import create_llm, generate_chat
 
     engine, sampling, rows = engine_config(args), sampling_config(args), build_rows(args)
     t0 = time.perf_counter()
     llm = create_llm(args.model, args.dtype, engine, args.seed)
-    from character.models import load_tokenizer
+    from character.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     t1 = time.perf_counter()
@@ -158,7 +153,7 @@ def worker_direct(args) -> None:
     rejected = sum(1 for r in results if r["reject_reason"])
     tokens = sum(r.get("new_tokens", 0) for r in results)
     samples = sum(len(r["outputs"]) for r in results)
-    emit({"tokens": tokens, "samples": samples, "rejected": rejected, "startup_s": t1 - t0,
+    emit_result({"tokens": tokens, "samples": samples, "rejected": rejected, "startup_s": t1 - t0,
           "cold_s": t2 - t0, "warm_s": t2 - t1})
 
 
@@ -167,8 +162,8 @@ def worker_hf(args) -> None:
     import torch
 
     torch.set_num_threads(2)
-    from character.engine import chat_token_ids
-    from character.models import load_causal_lm, load_tokenizer
+    from character.inference.engine import chat_token_ids
+    from character.models.loading import load_causal_lm, load_tokenizer
 
     rows, engine = build_rows(args), engine_config(args)
     t0 = time.perf_counter()
@@ -199,29 +194,20 @@ def worker_hf(args) -> None:
                 tokens += seq.index(eos) + 1 if eos in seq else len(seq)
             samples += len(new)
     t2 = time.perf_counter()
-    emit({"tokens": tokens, "samples": samples, "rejected": rejected, "load_s": t1 - t0, "gen_s": t2 - t1})
+    emit_result({"tokens": tokens, "samples": samples, "rejected": rejected, "load_s": t1 - t0, "gen_s": t2 - t1})
 
 
-def run_worker(kind: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--model", args.model,
-           "--dtype", args.dtype, "--prompts", str(args.prompts), "--n", str(args.n),
-           "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
-           "--top-p", str(args.top_p), "--batch-size", str(args.batch_size),
-           *(["--concurrent-batches", str(args.concurrent_batches)] if args.concurrent_batches else []),
-           "--hf-batch-size", str(args.hf_batch_size), "--traits", args.traits, "--seed", str(args.seed),
-           "--prompts-from", args.prompts_from]
-    env = dict(os.environ)
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise RuntimeError(f"{kind} worker failed (rc {proc.returncode}):\n{tail}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["process_s"] = wall  # interpreter start + imports + everything, seen from outside
-    return result
+def run_contender(kind: str, args) -> dict:
+    """One fresh subprocess of this script (`--worker kind`); "process_s" = interpreter start + imports +
+    everything, seen from outside."""
+    cmd = script_command(
+        __file__, "--worker", kind, "--model", args.model, "--dtype", args.dtype, "--prompts", str(args.prompts),
+        "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
+        "--top-p", str(args.top_p), "--batch-size", str(args.batch_size),
+        *(["--concurrent-batches", str(args.concurrent_batches)] if args.concurrent_batches else []),
+        "--hf-batch-size", str(args.hf_batch_size), "--traits", args.traits, "--seed", str(args.seed),
+        "--prompts-from", args.prompts_from)
+    return run_worker(cmd, child_env(VLLM_LOGGING_LEVEL="WARNING"), what=f"{kind} worker", wall_key="process_s")
 
 
 # ------------------------------------------------------------------------------------------- Ray path
@@ -243,7 +229,7 @@ def start_ray(args) -> float:
 def run_ray(args, rows: list[dict]) -> dict:
     import ray.data
 
-    from character.engine import ChatGenerator, generation_pool_args
+    from character.inference.engine import ChatGenerator, generation_pool_args
 
     engine, sampling = engine_config(args), sampling_config(args)
     tokens = samples = rejected = n_rows = 0
@@ -270,36 +256,6 @@ def run_ray(args, rows: list[dict]) -> dict:
 # -------------------------------------------------------------------------------------------- reporting
 
 
-def other_pythons() -> list[str]:
-    """Python processes that are neither this one nor its descendants (e.g. a test run next door)."""
-    try:
-        import psutil
-    except ImportError:
-        return ["(psutil not installed)"]
-    me = psutil.Process()
-    mine = {me.pid} | {c.pid for c in me.children(recursive=True)}
-    found = []
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        try:
-            if proc.info["pid"] in mine or "python" not in (proc.info["name"] or "").lower():
-                continue
-            cmd = " ".join(proc.info["cmdline"] or []) or "(no command line: exiting or zombie)"
-            found.append(f"{proc.info['pid']}: {cmd[:90]}")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def load_line(label: str) -> str:
-    one, five, fifteen = os.getloadavg()
-    others = other_pythons()
-    text = f"{label}: load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs); " \
-           f"{len(others)} other python process(es)"
-    if others:
-        text += "\n" + "\n".join("    " + o for o in others[:8]) + ("\n    ..." if len(others) > 8 else "")
-    return text
-
-
 def metrics(name: str, r: dict) -> dict[str, float]:
     """tokens/s figures of one contender run, keyed by the column names of the summary."""
     if name == "ray":
@@ -318,14 +274,6 @@ def describe(name: str, r: dict) -> str:
     return f"load {r['load_s']:.1f}s (import transformers + tokenizer + weights; not timed) + gen {r['gen_s']:.1f}s; process {r['process_s']:.1f}s"
 
 
-def fmt(tokens_per_s: float) -> str:
-    return f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.1f}"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else "n/a"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker == "direct":
@@ -333,12 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "hf":
         return worker_hf(args)
 
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = set(contenders) - set(CONTENDERS)
-    if unknown or not contenders:
-        sys.exit(f"--contenders: unknown {sorted(unknown)}; choose from {CONTENDERS}")
+    contenders = choose(args.contenders, CONTENDERS)
     rows = build_rows(args)
-    from character.models import resolve_model
+    from character.models.loading import resolve_model
 
     resolve_model(args.model)  # build/cache a built-in model once, outside every timing
     requested = args.prompts * args.n * args.max_tokens
@@ -358,13 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     tokens_seen: dict[str, list[int]] = {}
     per_rep_ratios: dict[str, list[float]] = {"ray_e2e/direct_cold": [], "direct_warm/hf_gen": []}
     for rep in range(args.reps):
-        order = contenders[rep % len(contenders):] + contenders[:rep % len(contenders)]
+        order = rotation(contenders, rep)
         print(f"--- repetition {rep + 1}/{args.reps}, order {' -> '.join(order)}, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         print(f"  {'contender':<12}{'tokens':>8}{'samples':>9}{'tok/s':>10}  detail")
         rep_metrics: dict[str, float] = {}
         for name in order:
-            r = run_ray(args, rows) if name == "ray" else run_worker(name, args)
+            r = run_ray(args, rows) if name == "ray" else run_contender(name, args)
             tokens_seen.setdefault(name, []).append(r["tokens"])
             detail = describe(name, r) + (f"  [{r['rejected']} prompts rejected]" if r["rejected"] else "")
             for key, value in metrics(name, r).items():

@@ -8,13 +8,13 @@ samples per message that agree, the independent-rows interval is up to sqrt(K) t
 """
 from __future__ import annotations
 
+import argparse
 import math
-import sys
 from collections import defaultdict
 
-from character.evalstats import Z95, clustered_mean, wilson, win_rates
+from character.reporting.evalstats import Z95, clustered_mean, wilson, win_rates
 from character.stages.evaluate import paired_samples
-from character.store import StageOutput
+from character.core.store import StageOutput
 
 
 def rows_as_independent(values: list[float]) -> float:
@@ -59,4 +59,6 @@ def main(run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder (reads its eval/)")
+    main(parser.parse_args().run_dir)

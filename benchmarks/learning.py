@@ -33,9 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/learning.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import ROOT  # noqa: E402
 
 RULE_WORD = "AI"
 
@@ -69,9 +70,9 @@ def answers(model: str, config, rows: list[dict], samples: int) -> list[list[str
     """`samples` answers per message from `model`, with the evaluation's sampling settings and per-message seeds."""
     import gc
 
-    from character.engine import create_llm, generate_chat
-    from character.models import load_tokenizer
-    from character.store import seed_from_id
+    from character.inference.engine import create_llm, generate_chat
+    from character.models.loading import load_tokenizer
+    from character.core.store import seed_from_id
 
     llm = create_llm(model, config.model.dtype, config.engine, config.run.seed)
     tokenizer = load_tokenizer(model)
@@ -87,11 +88,11 @@ def answers(model: str, config, rows: list[dict], samples: int) -> list[list[str
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from character.config import load_config
-    from character.judge import RuleJudge
-    from character.splits import HELD_OUT, read_messages
+    from character.core.config import load_config
+    from character.judging.judge import RuleJudge
+    from character.data.splits import HELD_OUT, read_messages
     from character.stages import synthesize, train_ppo
-    from character.store import StageOutput
+    from character.core.store import StageOutput
 
     config = load_config(args.config, [
         f"run.output_dir={args.output_dir}", "traits.only=[ai_nature]",

@@ -4,10 +4,10 @@ Two parts (--parts), on one model (--model, default the built-in real model smol
 
   sync   the two ways a vLLM engine can sample from base + adapter, each in a FRESH subprocess per
          repetition (modes interleaved, the order rotating per repetition), --rounds rounds each:
-           merged  what train-ppo does: a plain in-process engine (character.engine.create_llm);
-                   per round the adapter changes (every lora_B redrawn), `character.lora.merged_weights`
+           merged  what train-ppo does: a plain in-process engine (character.inference.engine.create_llm);
+                   per round the adapter changes (every lora_B redrawn), `character.models.lora.merged_weights`
                    computes W + (alpha/r) B A of the adapted modules (+ fused siblings) and
-                   `character.rollout.sync_weights` reloads them in place; "sync" times both.
+                   `character.inference.rollout.sync_weights` reloads them in place; "sync" times both.
            adapter vLLM's own LoRA support (`enable_lora=True`, max_lora_rank = the rank): per round
                    the adapter is saved with peft's save_pretrained and registered under a new id
                    (`llm_engine.add_lora(LoRARequest)`), every request then names it; "sync" times
@@ -36,17 +36,15 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/lora.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.generation import emit, load_line  # noqa: E402  (same reporting helpers)
+from benchmarks._harness import ROOT, emit_result, load_line, rotation, run_worker, script_command  # noqa: E402
 
 RULE = ["ppo.reward=rule", "ppo.critic_init=policy", "judge.kind=rule", "judge.rule.type=length",
         "judge.rule.target_words=0"]
@@ -57,9 +55,9 @@ def _adapter(args):
     """The base model with an adapter on every linear layer (lora_B redrawn per round by `perturb`)."""
     from peft import get_peft_model
 
-    from character import lora
-    from character.config import LoraConfig
-    from character.models import load_causal_lm
+    from character.models import lora
+    from character.core.config import LoraConfig
+    from character.models.loading import load_causal_lm
 
     settings = LoraConfig(rank=args.rank, alpha=2 * args.rank)
     return get_peft_model(load_causal_lm(args.model), lora.peft_config(settings, "policy"))
@@ -79,12 +77,12 @@ def worker_sync(args) -> None:
     import torch
     from vllm import SamplingParams
 
-    from character.config import EngineConfig
-    from character.engine import create_llm
-    from character.lora import merged_weights
-    from character.models import load_tokenizer
-    from character.pm_data import chat_prefix
-    from character.rollout import sync_weights
+    from character.core.config import EngineConfig
+    from character.inference.engine import create_llm
+    from character.models.lora import merged_weights
+    from character.models.loading import load_tokenizer
+    from character.data.pm_data import chat_prefix
+    from character.inference.rollout import sync_weights
 
     engine = EngineConfig(num_cpus_per_actor=2, extra_args=(
         {"enable_lora": True, "max_lora_rank": max(8, args.rank), "max_loras": 1} if args.mode == "adapter" else {}))
@@ -125,14 +123,14 @@ def worker_sync(args) -> None:
         rounds.append({"sync_s": sync, "gen_s": gen, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
                        "max_diff": float((engine_lp - peft_lp).abs().max())})
     shutil.rmtree(folder, ignore_errors=True)
-    emit({"mode": args.mode, "startup_s": startup, "rounds": rounds})
+    emit_result({"mode": args.mode, "startup_s": startup, "rounds": rounds})
 
 
 def worker_synth(args) -> None:
     from character.stages import synthesize
 
     synthesize.run(_config(args, args.out, f"synthesize.messages_per_trait={args.messages_per_trait}"))
-    emit({"ok": True})
+    emit_result({"ok": True})
 
 
 def worker_ppo(args) -> None:
@@ -148,35 +146,31 @@ def worker_ppo(args) -> None:
     train_ppo.run(_config(args, args.out, *extra))
     ray.shutdown()
     lines = [json.loads(x) for x in open(os.path.join(args.out, "policy", "metrics.jsonl"))]
-    emit({"mode": args.mode, "lines": lines})
+    emit_result({"mode": args.mode, "lines": lines})
 
 
 def _config(args, out: str, *extra: str):
-    from character.config import load_config
+    from character.core.config import load_config
 
     return load_config(ROOT / "configs" / "tiny.yaml", [f"run.output_dir={out}", f"model.name={args.model}",
                                                         f"traits.path={ROOT / 'configs/traits/tiny.yaml'}",
                                                         *RULE, *extra])
 
 
-def run_worker(kind: str, args, mode: str, out: str = "") -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--mode", mode, "--model", args.model,
-           "--rank", str(args.rank), "--rounds", str(args.rounds), "--prompts", str(args.prompts),
-           "--max-tokens", str(args.max_tokens), "--iterations", str(args.iterations),
-           "--messages-per-trait", str(args.messages_per_trait), "--out", out]
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not found:
-        raise RuntimeError(f"{kind}/{mode} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(found[-1][len("RESULT "):])
+def run_part(kind: str, args, mode: str, out: str = "") -> dict:
+    """One fresh subprocess of this script (`--worker kind --mode mode`)."""
+    cmd = script_command(__file__, "--worker", kind, "--mode", mode, "--model", args.model, "--rank", str(args.rank),
+                         "--rounds", str(args.rounds), "--prompts", str(args.prompts), "--max-tokens",
+                         str(args.max_tokens), "--iterations", str(args.iterations), "--messages-per-trait",
+                         str(args.messages_per_trait), "--out", out)
+    return run_worker(cmd, {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}, what=f"{kind}/{mode}")
 
 
 def part_sync(args) -> None:
     results: dict[str, list] = {"merged": [], "adapter": []}
     for rep in range(args.reps):
-        for mode in (["merged", "adapter"] if rep % 2 == 0 else ["adapter", "merged"]):
-            results[mode].append(run_worker("sync", args, mode))
+        for mode in rotation(["merged", "adapter"], rep):
+            results[mode].append(run_part("sync", args, mode))
     print(f"\n## sync: {args.model}, rank {args.rank} all-linear, {args.prompts} prompts x {args.max_tokens} tokens, "
           f"{args.rounds} rounds x {args.reps} fresh processes per mode (medians over rounds after the first)")
     print("| mode | engine start s | sync s | generation tokens/s | max abs log-prob diff vs peft |")
@@ -192,14 +186,14 @@ def part_sync(args) -> None:
 def part_ppo(args) -> None:
     base = tempfile.mkdtemp(prefix="lora-ppo-")
     try:
-        run_worker("synth", args, "", os.path.join(base, "messages-run"))
+        run_part("synth", args, "", os.path.join(base, "messages-run"))
         results: dict[str, list] = {"full": [], "lora": []}
         for rep in range(args.reps):
-            for mode in (["full", "lora"] if rep % 2 == 0 else ["lora", "full"]):
+            for mode in rotation(["full", "lora"], rep):
                 out = os.path.join(base, f"{mode}-{rep}")
                 os.makedirs(out)
                 shutil.copytree(os.path.join(base, "messages-run", "messages"), os.path.join(out, "messages"))
-                results[mode].append(run_worker("ppo", args, mode, out))
+                results[mode].append(run_part("ppo", args, mode, out))
         print(f"\n## ppo: {args.model}, 2 workers (ZeRO-2, fp32), 8 prompts x 32 tokens per iteration, "
               f"{args.iterations} iterations x {args.reps} runs per mode (medians over iterations after the first)")
         print("| mode | policy trainable / total | critic trainable / total | peak memory per worker GiB | "

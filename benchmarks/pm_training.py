@@ -3,7 +3,7 @@
 What it measures: pairs/s = (timed steps x global batch of pairs) / seconds of the timed steps, in the
 steady state (after --warmup untimed steps; the timed window is closed by a barrier on every rank). One
 step = forward of the chosen and of the rejected sequences (two forwards, as the train-pm stage does),
-`character.losses.bradley_terry_loss` with soft labels, backward, gradient clipping at 1.0 and an AdamW
+`character.training.losses.bradley_terry_loss` with soft labels, backward, gradient clipping at 1.0 and an AdamW
 step (lr 5e-4, the PMConfig default). Same model, same data, same global batch, same step counts:
 
   torch   AutoModelForSequenceClassification(num_labels=1) + torch.optim.AdamW + clip_grad_norm_ in ONE
@@ -12,7 +12,7 @@ step (lr 5e-4, the PMConfig default). Same model, same data, same global batch, 
   ds2-z2  2 workers x 1 CPU each, ZeRO-2 (micro-batch = global batch / 2 per worker), gloo.
   ds2-z3  2 workers x 1 CPU each, ZeRO-3 (the model is partitioned at creation via build_under_zero).
 
-The Ray Train loop is written here but reuses character.train_common (setup_distributed,
+The Ray Train loop is written here but reuses character.training.deepspeed_setup (setup_distributed,
 build_under_zero, deepspeed_config on configs/deepspeed/zero{2,3}.json, which sets
 train_micro_batch_size_per_gpu / gradient_accumulation_steps (1) / train_batch_size and keeps the
 shipped gradient_clipping 1.0) and deepspeed.initialize(model, optimizer=torch.optim.AdamW(...)); each
@@ -48,17 +48,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/pm_training.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.generation import emit, fmt, load_line  # noqa: E402  (same reporting helpers)
+from benchmarks._harness import (ROOT, add_model, argument_parser, choose, emit_result, fmt,  # noqa: E402
+                                 load_line, rotation, run_worker, script_command)
 
 # name -> (workers, CPUs per worker, ZeRO stage); "torch" is plain PyTorch in one process.
 CONTENDERS = {"torch": (1, 2, None), "ds1-z2": (1, 2, 2), "ds2-z2": (2, 1, 2), "ds2-z3": (2, 1, 3)}
@@ -66,9 +65,8 @@ TARGET = 0.8  # ds1-z2 / torch, pairs/s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="random-llama-25m", help="built-in random model, local path or HF id")
+    p = argument_parser(__doc__)
+    add_model(p, "random-llama-25m")
     p.add_argument("--steps", type=int, default=6, help="timed steps per contender and repetition")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--batch", type=int, default=16, help="global batch (pairs per optimizer step)")
@@ -85,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def allowed_ids(model: str):
     import numpy as np
 
-    from character.models import load_tokenizer
+    from character.models.loading import load_tokenizer
 
     tok = load_tokenizer(model)
     return np.setdiff1d(np.arange(len(tok)), tok.all_special_ids), tok.pad_token_id
@@ -105,7 +103,7 @@ def load_model(model: str, pad_id: int, seed: int = 0):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from character.models import resolve_model
+    from character.models.loading import resolve_model
 
     torch.manual_seed(seed)  # the score head is new (randomly initialised): the same init everywhere
     return AutoModelForSequenceClassification.from_pretrained(resolve_model(model), num_labels=1,
@@ -131,7 +129,7 @@ def worker_torch(cfg: dict) -> None:
     import torch
 
     torch.set_num_threads(2)
-    from character.losses import bradley_terry_loss
+    from character.training.losses import bradley_terry_loss
 
     allowed, pad = allowed_ids(cfg["model"])
     model = load_model(cfg["model"], pad, cfg["seed"]).train()
@@ -150,7 +148,7 @@ def worker_torch(cfg: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
-    emit({"setup_s": setup, "threads": torch.get_num_threads(), **run_steps(step, cfg)})
+    emit_result({"setup_s": setup, "threads": torch.get_num_threads(), **run_steps(step, cfg)})
 
 
 def ds_loop(cfg: dict) -> None:
@@ -161,9 +159,9 @@ def ds_loop(cfg: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from character.config import TrainConfig
-    from character.losses import bradley_terry_loss
-    from character.train_common import build_under_zero, deepspeed_config, setup_distributed
+    from character.core.config import TrainConfig
+    from character.training.losses import bradley_terry_loss
+    from character.training.deepspeed_setup import build_under_zero, deepspeed_config, setup_distributed
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -198,17 +196,10 @@ def ds_loop(cfg: dict) -> None:
 
 
 def run_torch(args, cfg: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model, "--steps",
-           str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq-len",
-           str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise RuntimeError(f"torch worker failed (rc {proc.returncode}):\n{tail}")
-    return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": wall}
+    cmd = script_command(__file__, "--worker", "--model", args.model, "--steps", str(args.steps), "--warmup",
+                         str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr",
+                         str(args.lr), "--seed", str(args.seed))
+    return run_worker(cmd, what="torch worker", wall_key="wall_s")
 
 
 def run_ray(name: str, cfg: dict, storage: str, rep: int) -> dict:
@@ -235,13 +226,10 @@ def main(argv: list[str] | None = None) -> None:
            "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed}
     if args.worker:
         return worker_torch(cfg)
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = set(contenders) - set(CONTENDERS)
-    if unknown or not contenders:
-        sys.exit(f"--contenders: unknown {sorted(unknown)}; choose from {list(CONTENDERS)}")
+    contenders = choose(args.contenders, list(CONTENDERS))
     if args.batch % 2 and any(CONTENDERS[c][0] == 2 for c in contenders):
         sys.exit("--batch must be even for the 2-worker contenders")
-    from character.models import resolve_model
+    from character.models.loading import resolve_model
 
     resolve_model(args.model)  # build/cache a built-in model once, outside every timing
     allowed, pad = allowed_ids(args.model)
@@ -266,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     rep_ratio: dict[str, list[float]] = {c: [] for c in contenders if c != "torch"}
     try:
         for rep in range(args.reps):
-            order = contenders[rep % len(contenders):] + contenders[:rep % len(contenders)]
+            order = rotation(contenders, rep)
             print(f"--- repetition {rep + 1}/{args.reps}, order {' -> '.join(order)}, "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
             print(f"  {'contender':<9}{'pairs/s':>9}{'s/step':>8}{'setup':>8}{'warmup':>8}{'wall':>8}  detail")

@@ -16,13 +16,13 @@ What it measures, in two parts (--parts), on one model (--model, default the bui
            update_weights (vLLM reload_weights + prefix-cache reset) and a barrier.
   rollout  in ONE fresh subprocess, the same policy weights sampled two ways, interleaved (the order
            rotates per repetition), for each batch size in --prompts:
-             vllm  `character.rollout.RolloutEngine` instantiated in-process (no Ray) on config.engine;
+             vllm  `character.inference.rollout.RolloutEngine` instantiated in-process (no Ray) on config.engine;
                    its `generate` (one seed per prompt, as ppo_loop derives them) is timed; engine
                    start-up is reported once and excluded.
              hf    `AutoModelForCausalLM.generate` (left padding, do_sample=True, top_k=0, the same
                    temperature/top_p/max_new_tokens) on the same weights, one batch of all prompts,
                    `torch.set_num_threads(2)`; model load excluded.
-           Prompts are the chat prefixes ppo_loop uses (`character.pm_data.chat_prefix`, cut to
+           Prompts are the chat prefixes ppo_loop uses (`character.data.pm_data.chat_prefix`, cut to
            ppo.max_prompt_tokens) of the synthesized training messages; sampling is ppo.sampling
            (temperature 1, top_p 1, max_tokens 32 in tiny.yaml). Each contender gets one untimed
            warm-up call first. Figures: tokens/s (new tokens actually generated, eos included, padding
@@ -48,17 +48,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/ppo.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.generation import emit, fmt, load_line  # noqa: E402  (same reporting helpers)
+from benchmarks._harness import (ROOT, add_model, argument_parser, child_env, comma_list, emit_result,  # noqa: E402
+                                 fmt, load_line, rotation, run_worker, script_command)
 
 PHASES = ("time_generation", "time_scoring", "time_training", "time_sync")
 SYNC_TARGET = 0.05  # time_sync / total per iteration
@@ -67,9 +66,8 @@ RULE = ["ppo.reward=rule", "ppo.critic_init=policy", "judge.kind=rule", "judge.r
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-llama", help="built-in random model, local path or HF id")
+    p = argument_parser(__doc__)
+    add_model(p)
     p.add_argument("--parts", default="stage,rollout", help="comma list out of stage,rollout")
     p.add_argument("--iterations", type=int, default=8, help="PPO iterations per stage run (the first is warm-up)")
     p.add_argument("--stage-prompts", type=int, default=None,
@@ -85,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_config(args, out: str, *extra: str):
-    from character.config import load_config
+    from character.core.config import load_config
 
     return load_config(args.config, [f"run.output_dir={out}", f"traits.path={ROOT / 'configs/traits/tiny.yaml'}",
                                      f"model.name={args.model}", *RULE, *extra])
@@ -99,7 +97,7 @@ def worker_synth(args) -> None:
 
     t0 = time.perf_counter()
     result = synthesize.run(make_config(args, args.out, f"synthesize.messages_per_trait={args.messages_per_trait}"))
-    emit({"rows": result.rows_out, "seconds": time.perf_counter() - t0})
+    emit_result({"rows": result.rows_out, "seconds": time.perf_counter() - t0})
 
 
 def worker_stage(args) -> None:
@@ -114,20 +112,20 @@ def worker_stage(args) -> None:
     result = train_ppo.run(make_config(args, args.out, *extra))
     seconds = time.perf_counter() - t0
     ray.shutdown()
-    emit({"seconds": seconds, "fit_s": result.seconds})
+    emit_result({"seconds": seconds, "fit_s": result.seconds})
 
 
 def worker_rollout(args) -> None:
     """One process: vLLM RolloutEngine and HF generate on the same weights, interleaved."""
-    from character.models import load_causal_lm, load_tokenizer
-    from character.pm_data import chat_prefix
-    from character.rollout import RolloutEngine, arrays_for_engines
-    from character.ppo_trainer import iteration_seeds
-    from character.splits import ppo_messages
+    from character.models.loading import load_causal_lm, load_tokenizer
+    from character.data.pm_data import chat_prefix
+    from character.inference.rollout import RolloutEngine, arrays_for_engines
+    from character.training.ppo.loop import iteration_seeds
+    from character.data.splits import ppo_messages
 
     config = make_config(args, args.out)
     cfg, seed = config.ppo, config.run.seed
-    sizes = [int(x) for x in args.prompts.split(",") if x.strip()]
+    sizes = [int(x) for x in comma_list(args.prompts)]
     train, _ = ppo_messages(config)
     tokenizer = load_tokenizer(config.model.name)
     rows = [train[k % len(train)] for k in range(max(sizes))]  # wraps around like ppo_loop's epochs
@@ -169,7 +167,7 @@ def worker_rollout(args) -> None:
     runs, syncs, copy_s = [], [], []
     for rep in range(args.reps):
         for n in sizes:
-            for name in (["vllm", "hf"] if rep % 2 == 0 else ["hf", "vllm"]):
+            for name in rotation(["vllm", "hf"], rep):
                 tokens, seconds = (run_vllm if name == "vllm" else run_hf)(n, rep)
                 runs.append({"rep": rep, "n": n, "name": name, "tokens": tokens, "s": seconds})
         t = time.perf_counter()
@@ -180,30 +178,20 @@ def worker_rollout(args) -> None:
         copies = [v.clone() for v in weights]  # the floor: one plain memory copy of what the engine receives
         copy_s.append(time.perf_counter() - t)
         del copies
-    emit({"startup_s": startup, "load_s": load, "warm": warm, "threads": torch.get_num_threads(), "runs": runs,
+    emit_result({"startup_s": startup, "load_s": load, "warm": warm, "threads": torch.get_num_threads(), "runs": runs,
           "sync_s": syncs, "copy_s": copy_s, "params": sum(p.numel() for p in model.parameters()),
           "mb": sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 2**20})
 
 
-def run_worker(kind: str, args, out: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--out", out, "--model", args.model,
-           "--config", args.config, "--iterations", str(args.iterations), "--prompts", args.prompts,
-           "--reps", str(args.reps), "--messages-per-trait", str(args.messages_per_trait)]
+def run_part(kind: str, args, out: str) -> dict:
+    """One fresh subprocess of this script (`--worker kind`), its wall time as "process_s"."""
+    cmd = script_command(__file__, "--worker", kind, "--out", out, "--model", args.model, "--config", args.config,
+                         "--iterations", str(args.iterations), "--prompts", args.prompts, "--reps", str(args.reps),
+                         "--messages-per-trait", str(args.messages_per_trait))
     if args.stage_prompts:
         cmd += ["--stage-prompts", str(args.stage_prompts)]
-    env = dict(os.environ)
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    env.setdefault("RAY_DEDUP_LOGS", "1")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise RuntimeError(f"{kind} worker failed (rc {proc.returncode}):\n{tail}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["process_s"] = wall
-    return result
+    env = child_env(VLLM_LOGGING_LEVEL="WARNING", RAY_DEDUP_LOGS="1")
+    return run_worker(cmd, env, what=f"{kind} worker", wall_key="process_s")
 
 
 # -------------------------------------------------------------------------------------------- reporting
@@ -223,7 +211,7 @@ def stage_part(args, base: str) -> None:
     for rep in range(args.reps):
         out = os.path.join(base, f"stage-{rep}")
         shutil.copytree(os.path.join(base, "synth", "messages"), os.path.join(out, "messages"))
-        r = run_worker("stage", args, out)
+        r = run_part("stage", args, out)
         lines = [json.loads(x) for x in open(os.path.join(out, "policy", "metrics.jsonl"))]
         its = [x for x in lines if "reward" in x]
         its = its[1:] if len(its) > 1 else its
@@ -247,7 +235,7 @@ def stage_part(args, base: str) -> None:
 
 
 def rollout_part(args, base: str) -> None:
-    r = run_worker("rollout", args, os.path.join(base, "synth"))
+    r = run_part("rollout", args, os.path.join(base, "synth"))
     print(f"=== 2. rollouts, vLLM RolloutEngine (in-process) vs HF generate, same weights ({r['params'] / 1e6:.2f}M "
           f"params, {r['mb']:.1f} MB fp32); {args.reps} interleaved round(s); torch threads {r['threads']}")
     print(f"  vLLM engine start-up {r['startup_s']:.1f}s, HF model load {r['load_s']:.1f}s (neither timed below); "
@@ -282,17 +270,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         return {"synth": worker_synth, "stage": worker_stage, "rollout": worker_rollout}[args.worker](args)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = comma_list(args.parts)
     if not parts or set(parts) - {"stage", "rollout"}:
         sys.exit("--parts: comma list out of stage,rollout")
-    from character.models import resolve_model
+    from character.models.loading import resolve_model
 
     resolve_model(args.model)  # build/cache a built-in model once, outside every timing
     print(f"model {args.model}; config {args.config} with {' '.join(RULE)}; reps {args.reps}")
     print(load_line("start"), flush=True)
     base = tempfile.mkdtemp(prefix="character-bench-ppo-")
     try:
-        s = run_worker("synth", args, os.path.join(base, "synth"))
+        s = run_part("synth", args, os.path.join(base, "synth"))
         print(f"messages/: {s['rows']} messages synthesized once ({args.messages_per_trait} per trait) in "
               f"{s['seconds']:.0f}s (not timed below){'; kept in ' + base if args.keep else ''}\n", flush=True)
         if "stage" in parts:

@@ -9,15 +9,15 @@ so VmHWM restarts at the current RSS; where that is not allowed, `resource.getru
 is used instead, which also counts anything before the baseline), scoring runs, and "peak over baseline" =
 VmHWM (or ru_maxrss) - baseline. Paths:
 
-  old      one forward over the whole batch, then the scoring as character/ppo.py did it before chunking
+  old      one forward over the whole batch, then the scoring as character/training/ppo/rollouts.py did it before chunking
            (copied below as `old_token_logprobs` / `old_token_entropy`, so the comparison stays
            reproducible): an fp32 log_softmax over all logits + gather, then a second full log_softmax,
            exp and product for the entropy. Peak = about OLD_FP32_COPIES full fp32 [B, L, V] tensors alive
            at once (logits, log_softmax, exp, exp * log_softmax), so it grows linearly with the batch. It is
            skipped ("skipped (predicted N GB)") where that prediction exceeds --max-predicted-gb or 80 % of
            the memory available at start.
-  new-fbN  `character.ppo.forward_in_batches` with forward batch size N (--forward-batches, default 4 and
-           8) and `character.ppo.logprobs_and_entropy` with --chunk positions per chunk (default 128):
+  new-fbN  `character.training.ppo.rollouts.forward_in_batches` with forward batch size N (--forward-batches, default 4 and
+           8) and `character.training.ppo.rollouts.logprobs_and_entropy` with --chunk positions per chunk (default 128):
            only one micro-batch of logits and one chunk's fp32 log_softmax exist at a time, so the peak
            should stay flat as the batch grows.
 
@@ -33,28 +33,26 @@ Run (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/ppo_memory.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.generation import emit, load_line  # noqa: E402  (same reporting helpers)
+from benchmarks._harness import (argument_parser, comma_list, emit_result, load_line, run_worker,  # noqa: E402
+                                 script_command)
 
 OLD_FP32_COPIES = 4  # logits, log_softmax, exp, exp * log_softmax (old_token_entropy, logits still alive)
 MIB = 2 ** 20
 
 
 def old_token_logprobs(logits, input_ids):
-    """character.ppo.token_logprobs before chunking: log p(token t+1 | <= t) for every position: [B, L-1]."""
+    """character.training.ppo.rollouts.token_logprobs before chunking: log p(token t+1 | <= t) for every position: [B, L-1]."""
     import torch
 
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -62,7 +60,7 @@ def old_token_logprobs(logits, input_ids):
 
 
 def old_token_entropy(logits):
-    """character.ppo.token_entropy before chunking: a second full log_softmax."""
+    """character.training.ppo.rollouts.token_entropy before chunking: a second full log_softmax."""
     import torch
 
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -70,8 +68,7 @@ def old_token_entropy(logits):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--batches", default="8,16,32,64", help="sequences scored at once (comma list)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocab", type=int, default=50_000)
@@ -102,7 +99,7 @@ def worker(args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from character.ppo import forward_in_batches, logprobs_and_entropy
+    from character.training.ppo.rollouts import forward_in_batches, logprobs_and_entropy
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -133,20 +130,15 @@ def worker(args) -> None:
     seconds = time.perf_counter() - t0
     peak = rss_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save({"logp": logp, "entropy": entropy}, args.out)
-    emit({"peak_mib": (peak - baseline) / 1024, "baseline_mib": baseline / 1024, "seconds": seconds,
+    emit_result({"peak_mib": (peak - baseline) / 1024, "baseline_mib": baseline / 1024, "seconds": seconds,
           "method": method})
 
 
-def run_worker(args, batch: int, path: str, out: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--batch", str(batch), "--path", path,
-           "--out", out, "--seq-len", str(args.seq_len), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-           "--chunk", str(args.chunk)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        raise RuntimeError(f"{path} worker at batch {batch} failed (rc {proc.returncode}):\n{tail}")
-    return json.loads(lines[-1][len("RESULT "):])
+def run_cell(args, batch: int, path: str, out: str) -> dict:
+    cmd = script_command(__file__, "--worker", "--batch", str(batch), "--path", path, "--out", out, "--seq-len",
+                         str(args.seq_len), "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--chunk",
+                         str(args.chunk))
+    return run_worker(cmd, what=f"{path} worker at batch {batch}", tail_lines=30)
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -165,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         return worker(args)
     import psutil
 
-    batches = [int(x) for x in args.batches.split(",") if x.strip()]
-    paths = ["old"] + [f"new-fb{int(x)}" for x in args.forward_batches.split(",") if x.strip()]
+    batches = [int(x) for x in comma_list(args.batches)]
+    paths = ["old"] + [f"new-fb{int(x)}" for x in comma_list(args.forward_batches)]
     available = psutil.virtual_memory().available
     print(f"tiny Llama: vocab {args.vocab}, hidden {args.hidden}, 1 layer, fp32; {args.seq_len} tokens per sequence; "
           f"chunk {args.chunk} positions; {args.reps} fresh process(es) per cell; "
@@ -186,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                           flush=True)
                     continue
                 out = os.path.join(tmp, f"{batch}-{path}.pt")
-                runs = [run_worker(args, batch, path, out) for _ in range(args.reps)]
+                runs = [run_cell(args, batch, path, out) for _ in range(args.reps)]
                 method = runs[0]["method"]
                 diff = max_diff(out, reference) if reference else float("nan")
                 reference = reference or out

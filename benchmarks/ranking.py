@@ -2,10 +2,10 @@
 
 What it measures (comparisons/s = comparisons judged / seconds of the judging call, chat templating and
 tokenisation included), on ONE in-process `vllm.LLM` created once with
-`character.engine.create_llm(model, dtype, EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1), seed=0)`;
+`character.inference.engine.create_llm(model, dtype, EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1), seed=0)`;
 its start-up is printed but excluded from every timing and shared by all contenders:
 
-  scoring     `character.judge.ModelJudge.prob_first` (RankConfig() as the rank stage uses it, no chain of
+  scoring     `character.judging.judge.ModelJudge.prob_first` (RankConfig() as the rank stage uses it, no chain of
               thought): one prefill of the chat prompt + "Answer:" and ONE sampled token whose
               log-probabilities for the option tokens (`logprob_token_ids`) give P(A). Always yields a
               usable probability; the judge is built on the shared engine (no second vllm.LLM).
@@ -22,9 +22,9 @@ its start-up is printed but excluded from every timing and shared by all contend
               (stopping at 'Answer:' or the model's eos: ~1 token on the tiny models), then scored with
               the one-token prefill.
 
-Workload: N comparisons (`character.judge.Comparison`): trait texts of configs/traits/constitution.yaml
+Workload: N comparisons (`character.judging.judge.Comparison`): trait texts of configs/traits/constitution.yaml
 (round-robin), a message and two candidates drawn (seeded) from lines of
-character/assets/tokenizer_corpus.txt (1-2 lines per candidate), resampled until the chain-of-thought
+character/models/assets/tokenizer_corpus.txt (1-2 lines per candidate), resampled until the chain-of-thought
 prompt + M new tokens fit max_model_len, so every contender judges all N. Each (repetition, contender)
 gets a FRESH set from the same distribution (the rank stage never judges a comparison twice, and vLLM's
 prefix caching, on by default as in the stages, would make a repeated prompt nearly free;
@@ -52,21 +52,20 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/ranking.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.generation import fmt, load_line, ratio  # noqa: E402  (same reporting helpers)
+from benchmarks._harness import (ROOT, add_dtype, add_model, argument_parser, choose, fmt, load_line,  # noqa: E402
+                                 ratio, rotation)
 
 CONTENDERS = ("scoring", "generation", "cot-scoring")
 VERDICT = re.compile(r"Answer:\s*\(?\s*([AB])\b")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-llama", help="built-in random model, local path or HF id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = argument_parser(__doc__)
+    add_model(p)
+    add_dtype(p)
     p.add_argument("--comparisons", type=int, default=512, help="comparisons judged per contender and repetition")
     p.add_argument("--cot-max-tokens", type=int, default=64, help="new tokens of a generated verdict (M)")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
@@ -83,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def chat_ids(tokenizer, c, rank) -> list[int]:
-    from character.judge import comparison_prompt
+    from character.judging.judge import comparison_prompt
 
     text = tokenizer.apply_chat_template([{"role": "user", "content": comparison_prompt(c, rank)}],
                                          add_generation_prompt=True, tokenize=False)
@@ -91,12 +90,12 @@ def chat_ids(tokenizer, c, rank) -> list[int]:
 
 
 def build_comparisons(args, tokenizer, max_model_len: int, count: int, seed: int) -> list:
-    from character.config import RankConfig
-    from character.judge import Comparison
-    from character.traits import load_constitution
+    from character.core.config import RankConfig
+    from character.judging.judge import Comparison
+    from character.core.traits import load_constitution
 
     traits = [t.describe() for t in load_constitution(args.traits).traits]
-    lines = [x.strip() for x in (ROOT / "character" / "assets" / "tokenizer_corpus.txt").read_text().splitlines()
+    lines = [x.strip() for x in (ROOT / "character" / "models" / "assets" / "tokenizer_corpus.txt").read_text().splitlines()
              if x.strip()]
     rng, cot = random.Random(seed), RankConfig(chain_of_thought=True, cot_max_tokens=args.cot_max_tokens)
     out, tries = [], 0
@@ -113,7 +112,7 @@ def build_comparisons(args, tokenizer, max_model_len: int, count: int, seed: int
 
 def make_judge(llm, tokenizer, engine, rank, model: str, seed: int):
     """A ModelJudge on the already-created engine: the attributes ModelJudge.__init__ sets, minus create_llm."""
-    from character.judge import ModelJudge, option_token_ids
+    from character.judging.judge import ModelJudge, option_token_ids
 
     judge = ModelJudge.__new__(ModelJudge)
     judge.llm, judge.tokenizer, judge.options = llm, tokenizer, option_token_ids(tokenizer)
@@ -151,13 +150,10 @@ def run_generation(llm, tokenizer, comps, rank, ignore_eos: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = set(contenders) - set(CONTENDERS)
-    if unknown or not contenders:
-        sys.exit(f"--contenders: unknown {sorted(unknown)}; choose from {CONTENDERS}")
-    from character.config import EngineConfig, RankConfig
-    from character.engine import create_llm
-    from character.models import load_tokenizer, resolve_model
+    contenders = choose(args.contenders, CONTENDERS)
+    from character.core.config import EngineConfig, RankConfig
+    from character.inference.engine import create_llm
+    from character.models.loading import load_tokenizer, resolve_model
 
     resolve_model(args.model)  # build/cache a built-in model outside every timing
     engine = EngineConfig(num_cpus_per_actor=2, kv_cache_gib=1,
@@ -204,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     per: dict[str, list[float]] = {n: [] for n in contenders}
     rep_ratios: list[float] = []
     for rep in range(args.reps):
-        order = contenders[rep % len(contenders):] + contenders[:rep % len(contenders)]
+        order = rotation(contenders, rep)
         print(f"--- repetition {rep + 1}/{args.reps}, order {' -> '.join(order)}, load {os.getloadavg()[0]:.2f}",
               flush=True)
         print(f"  {'contender':<13}{'seconds':>9}{'comp/s':>9}{'usable/s':>10}  detail")

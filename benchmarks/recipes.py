@@ -31,9 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/recipes.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import ROOT  # noqa: E402
 
 RULE = ["judge.kind=rule", "judge.rule.type=length", "judge.rule.target_words=0", "judge.rule.temperature=1.0",
         "rank.tie_margin=0.3"]
@@ -76,8 +77,8 @@ def kl_to_base(policy: str, base: str, prompts: list[str], answers: list[list[st
     import torch
     from transformers import AutoModelForCausalLM
 
-    from character.models import load_tokenizer, resolve_model
-    from character.scoring import response_logprobs
+    from character.models.loading import load_tokenizer, resolve_model
+    from character.training.scoring import response_logprobs
 
     flat = [(p, a) for p, xs in zip(prompts, answers) for a in xs]
     models = [AutoModelForCausalLM.from_pretrained(resolve_model(m)).eval() for m in (policy, base)]
@@ -95,11 +96,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from benchmarks.learning import answers, t_interval
-    from character.config import load_config
-    from character.judge import RuleJudge
-    from character.splits import HELD_OUT, read_messages
+    from character.core.config import load_config
+    from character.judging.judge import RuleJudge
+    from character.data.splits import HELD_OUT, read_messages
     from character.stages import rank, respond, synthesize, train_dpo, train_ppo
-    from character.store import StageOutput
+    from character.core.store import StageOutput
 
     out = Path(args.output_dir)
     data = out / "data"

@@ -25,7 +25,7 @@ def folder_bytes(path: str) -> int:
 def time_once(run_dir: str, trait: str, message_id: str) -> dict:
     from starlette.testclient import TestClient
 
-    from character.review_app import create_app
+    from character.review.app import create_app
 
     times = {}
     start = time.perf_counter()

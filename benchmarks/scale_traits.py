@@ -22,26 +22,25 @@ start and end: the wall time is sensitive to whatever else runs on the box; peak
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/scale_traits.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import (ROOT, argument_parser, child_env, comma_list, emit_result,  # noqa: E402
+                                 load_line, run_worker, script_command)
 
 MEMORY_LIMIT = 1.2  # peak driver RSS, largest / smallest size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--sizes", default="10,1000", help="comma list of trait counts")
     p.add_argument("--messages-per-trait", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=8, help="synthesize.sampling.max_tokens")
@@ -72,7 +71,7 @@ def worker(args) -> None:
     """Fresh process: one synthesize run; prints peak RSS of this (driver) process and timings."""
     import resource
 
-    from character.config import load_config
+    from character.core.config import load_config
     from character.stages import synthesize
 
     overrides = [f"traits.path={args.traits_file}", f"run.output_dir={args.output_dir}",
@@ -87,12 +86,12 @@ def worker(args) -> None:
     import ray
 
     ray.shutdown()
-    print("RESULT " + json.dumps({
+    emit_result({
         "wall_s": wall, "stage_s": result.seconds, "rows_in": result.rows_in, "rows_out": result.rows_out,
         "drops": dict(result.drops), "requested": result.extra.get("requested"),
         "new_tokens": result.extra.get("new_tokens_this_run"), "traits_out": len(result.extra.get("per_trait", {})),
         "peak_rss_mib": peak_kib / 1024, "rss_before_run_mib": rss_before / 1024,
-    }), flush=True)
+    })
 
 
 def run_size(args, n: int, tmp: Path, rep: int) -> dict:
@@ -100,60 +99,27 @@ def run_size(args, n: int, tmp: Path, rep: int) -> dict:
     if not traits_file.exists():
         write_constitution(traits_file, n)
     out_dir = tmp / f"run-{n}-rep{rep}"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--traits-file", str(traits_file),
-           "--output-dir", str(out_dir), "--config", args.config,
-           "--messages-per-trait", str(args.messages_per_trait), "--max-tokens", str(args.max_tokens)]
+    cmd = script_command(__file__, "--worker", "--traits-file", str(traits_file), "--output-dir", str(out_dir),
+                         "--config", args.config, "--messages-per-trait", str(args.messages_per_trait),
+                         "--max-tokens", str(args.max_tokens))
     for item in args.override:
         cmd += ["--override", item]
-    env = dict(os.environ)
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    process_s = time.perf_counter() - t0
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise RuntimeError(f"synthesize with {n} traits failed (rc {proc.returncode}):\n{tail}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["process_s"] = process_s
+    result = run_worker(cmd, child_env(VLLM_LOGGING_LEVEL="WARNING"), what=f"synthesize with {n} traits",
+                        wall_key="process_s")
     if not args.keep:
         shutil.rmtree(out_dir, ignore_errors=True)
     return result
-
-
-def load_line(label: str) -> str:
-    one, five, fifteen = os.getloadavg()
-    text = f"{label}: load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
-    try:
-        import psutil
-
-        me = psutil.Process()
-        mine = {me.pid} | {c.pid for c in me.children(recursive=True)}
-        others = []
-        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-            try:
-                if proc.info["pid"] not in mine and "python" in (proc.info["name"] or "").lower():
-                    cmd = " ".join(proc.info["cmdline"] or []) or "(no command line: exiting or zombie)"
-                    others.append(f"{proc.info['pid']}: {cmd[:90]}")
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        text += f"; {len(others)} other python process(es)"
-        if others:
-            text += "\n" + "\n".join("    " + o for o in others[:8]) + ("\n    ..." if len(others) > 8 else "")
-    except ImportError:
-        pass
-    return text
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    sizes = sorted({int(s) for s in comma_list(args.sizes)})
     if not sizes or min(sizes) < 1:
         sys.exit("--sizes: give positive trait counts, e.g. 10,1000")
-    from character.config import load_config
-    from character.models import resolve_model
+    from character.core.config import load_config
+    from character.models.loading import resolve_model
 
     base = load_config(args.config, args.override)  # fail early on a bad config or override
     resolve_model(base.model.name)  # build/cache a built-in model once, outside every timing

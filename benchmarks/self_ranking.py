@@ -34,9 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ != "benchmarks":  # run as `python benchmarks/self_ranking.py`: the repository root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._harness import ROOT  # noqa: E402
 
 VARIANTS = ("mc", "mc_cot", "mc_fewshot", "mc_clamp", "mc_k6", "contrast", "contrast_tok")
 FEW_SHOT = [
@@ -72,8 +73,8 @@ def clamp_preferences(src: Path, dst: Path, band: tuple[float, float]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from character import schemas
-    from character.ranking import clamp
+    from character.core import schemas
+    from character.judging.ranking import clamp
 
     shutil.copytree(src, dst)
     for part in sorted(dst.glob("part-*.parquet")):
@@ -84,8 +85,8 @@ def clamp_preferences(src: Path, dst: Path, band: tuple[float, float]) -> None:
 
 
 def run_variant(name: str, args, base: Path, base_k6: Path) -> dict:
-    from character.config import load_config
-    from character.evalstats import wilson
+    from character.core.config import load_config
+    from character.reporting.evalstats import wilson
     from character.stages import rank, train_pm
 
     run_dir = Path(args.output_dir) / name
@@ -123,7 +124,7 @@ def common(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from character.config import load_config
+    from character.core.config import load_config
     from character.stages import respond, synthesize
 
     out = Path(args.output_dir)

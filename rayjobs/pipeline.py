@@ -1,7 +1,7 @@
-"""`ray job submit --working-dir . -- python -m rayjobs.pipeline --config FILE [overrides]`: every stage."""
+"""`ray job submit --working-dir . -- python -m rayjobs.pipeline --config FILE [overrides]`: every stage in order (`python -m rayjobs run`)."""
 import sys
 
-from character.cli import main
+from rayjobs.__main__ import main_for
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    sys.exit(main_for(__spec__.name))

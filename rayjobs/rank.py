@@ -1,7 +1,7 @@
-"""`ray job submit --working-dir . -- python -m rayjobs.rank --config FILE [overrides]`"""
+"""`ray job submit --working-dir . -- python -m rayjobs.rank --config FILE [overrides]`: `python -m rayjobs rank`."""
 import sys
 
-from character.cli import main
+from rayjobs.__main__ import main_for
 
 if __name__ == "__main__":
-    sys.exit(main(["rank", *sys.argv[1:]]))
+    sys.exit(main_for(__spec__.name))

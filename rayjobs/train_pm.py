@@ -1,7 +1,7 @@
-"""`ray job submit --working-dir . -- python -m rayjobs.train_pm --config FILE [overrides]`"""
+"""`ray job submit --working-dir . -- python -m rayjobs.train_pm --config FILE [overrides]`: `python -m rayjobs train-pm`."""
 import sys
 
-from character.cli import main
+from rayjobs.__main__ import main_for
 
 if __name__ == "__main__":
-    sys.exit(main(["train-pm", *sys.argv[1:]]))
+    sys.exit(main_for(__spec__.name))

@@ -1,7 +1,7 @@
-"""`ray job submit --working-dir . -- python -m rayjobs.train_ppo --config FILE [overrides]`"""
+"""`ray job submit --working-dir . -- python -m rayjobs.train_ppo --config FILE [overrides]`: `python -m rayjobs train-ppo`."""
 import sys
 
-from character.cli import main
+from rayjobs.__main__ import main_for
 
 if __name__ == "__main__":
-    sys.exit(main(["train-ppo", *sys.argv[1:]]))
+    sys.exit(main_for(__spec__.name))

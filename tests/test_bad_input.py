@@ -3,17 +3,19 @@ the upstream cause, write no _SUCCESS and lose nothing already written (no model
 import pyarrow as pa
 import pytest
 
-from character import schemas
-from character.store import StageInputError, StageOutput, stable_id
+from character.core import schemas
+from character.core.store import StageInputError, StageOutput, stable_id
 
 RULE = ["ppo.reward=rule", "ppo.critic_init=policy", "judge.rule.words=[curious]"]
 
 
-def _no_ray(monkeypatch, *modules):
+def _no_ray(monkeypatch):
+    """Every stage starts Ray in the preamble they share (character/execution/stage_run.py)."""
+    from character.execution import stage_run
+
     def refuse(*_):
         raise AssertionError("Ray was started: the check must come before it")
-    for module in modules:
-        monkeypatch.setattr(module, "init_ray", refuse)
+    monkeypatch.setattr(stage_run, "init_ray", refuse)
 
 
 def _messages(root, splits: list[str], success: dict | None = None) -> StageOutput:
@@ -33,7 +35,7 @@ def _messages(root, splits: list[str], success: dict | None = None) -> StageOutp
 def test_respond_with_no_training_message_names_what_synthesize_kept(tmp_path, make_config, monkeypatch):
     from character.stages import respond
 
-    _no_ray(monkeypatch, respond)
+    _no_ray(monkeypatch)
     _messages(tmp_path, ["held_out", "adversarial"],
               {"stage": "messages", "rows_in": 40, "rows_out": 2, "drops": {"too_short": 29, "empty": 9}})
     with pytest.raises(StageInputError, match=r"respond: 0 messages to answer; synthesize kept 2 of 40 "
@@ -61,11 +63,10 @@ def test_pair_training_with_zero_or_too_few_pairs_fails_before_ray(tmp_path, mak
                                                                   section, output):
     import importlib
 
-    from character import pair_trainer
-    from character.splits import pm_validation
+    from character.data.splits import pm_validation
 
     stage = importlib.import_module(f"character.stages.{command.replace('-', '_')}")
-    _no_ray(monkeypatch, pair_trainer)
+    _no_ray(monkeypatch)
     _preferences(tmp_path, [], {"stage": "preferences", "rows_in": 5, "rows_out": 0, "drops": {"tie": 30}})
     config = make_config(tmp_path)
     with pytest.raises(StageInputError, match=rf"{command}: 0 usable preference pairs; rank kept 0 of 5 \(tie=30\)"):
@@ -86,7 +87,7 @@ def test_pair_training_with_zero_or_too_few_pairs_fails_before_ray(tmp_path, mak
 def test_train_ppo_with_too_few_training_prompts_fails_before_ray(tmp_path, make_config, monkeypatch):
     from character.stages import train_ppo
 
-    _no_ray(monkeypatch, train_ppo)
+    _no_ray(monkeypatch)
     _messages(tmp_path, ["train"] * 5 + ["held_out"] * 3)
     with pytest.raises(StageInputError, match=r"train-ppo: needs >= 16 training prompts .* has \d and \d; "
                                               r"synthesize kept 8 of 40 .*'train': 5"):
@@ -97,7 +98,7 @@ def test_train_ppo_with_too_few_training_prompts_fails_before_ray(tmp_path, make
 def test_evaluate_with_no_held_out_or_adversarial_message_fails_before_ray(tmp_path, make_config, monkeypatch):
     from character.stages import evaluate
 
-    _no_ray(monkeypatch, evaluate)
+    _no_ray(monkeypatch)
     _messages(tmp_path, ["train"] * 4)
     for stage in ("pm", "policy"):
         StageOutput(str(tmp_path), stage).mark_success({})
@@ -112,7 +113,7 @@ def test_an_evaluation_of_another_policy_method_is_redone_not_skipped(tmp_path, 
     trained yet: the error names it, before Ray), while the PPO config still skips it."""
     from character.stages import evaluate
 
-    _no_ray(monkeypatch, evaluate)
+    _no_ray(monkeypatch)
     _messages(tmp_path, ["train", "held_out"])
     StageOutput(str(tmp_path), "eval").mark_success({"trained_model": str(tmp_path / "policy")})
     assert evaluate.run(make_config(tmp_path)).skipped
@@ -125,7 +126,7 @@ def test_an_evaluation_of_another_policy_method_is_redone_not_skipped(tmp_path, 
 def test_an_unreadable_upstream_part_names_the_file_before_ray(tmp_path, make_config, monkeypatch):
     from character.stages import respond
 
-    _no_ray(monkeypatch, respond)
+    _no_ray(monkeypatch)
     messages = _messages(tmp_path, ["train", "held_out"])
     part = messages.part_files()[0]
     with open(part, "r+b") as f:
@@ -138,7 +139,7 @@ def test_an_unreadable_upstream_part_names_the_file_before_ray(tmp_path, make_co
 def test_messages_from_an_older_version_without_a_split_name_the_file_and_the_fix(tmp_path, make_config, monkeypatch):
     from character.stages import respond
 
-    _no_ray(monkeypatch, respond)
+    _no_ray(monkeypatch)
     old = pa.Table.from_pylist([{"message_id": "m0", "trait": "curiosity", "kind": "values", "text": "Why?",
                                  "request_id": "r0"}])  # the layout before the split column
     out = StageOutput(str(tmp_path), "messages")

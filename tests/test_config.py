@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from character.config import ConfigError, config_from_dict, load_config, parse_overrides
-from character.traits import constitution_from_dict, load_constitution
+from character.core.config import ConfigError, config_from_dict, load_config, parse_overrides
+from character.core.traits import constitution_from_dict, load_constitution
 
 
 def test_tiny_config_loads_with_overrides(repo):
@@ -59,12 +59,14 @@ def test_cross_field_checks():
     (["ppo.advantage=rloo", "ppo.samples_per_prompt=1"], "ppo.samples_per_prompt >= 2"),
 ])
 def test_silently_wrong_combinations_fail_before_compute(repo, overrides, needle):
+    from character.execution.checks import check_config
+
     with pytest.raises(ConfigError, match=needle):
-        load_config(repo / "configs/tiny.yaml", overrides)
+        check_config(load_config(repo / "configs/tiny.yaml", overrides))
 
 
 def test_elastic_workers_with_zero3_are_refused_before_training(repo):
-    from character.stage_checks import check_stage_config
+    from character.execution.checks import check_stage_config
 
     cfg = load_config(repo / "configs/tiny.yaml", ["train.num_workers=[1,2]",
                                                    f"train.deepspeed_config={repo / 'configs/deepspeed/zero3.json'}"])
@@ -127,7 +129,7 @@ def test_cli_fails_before_ray_starts(tmp_path, repo, content, needle):
 
 
 def test_cluster_config_validates(repo):
-    from character.stage_checks import check_stage_config
+    from character.execution.checks import check_stage_config
 
     cfg = load_config(repo / "configs/cluster.yaml")
     assert cfg.train.num_workers == 8 and cfg.engine.actors.max == 16
@@ -140,8 +142,8 @@ def test_cluster_config_validates(repo):
 def test_models_that_cannot_load_fail_naming_the_field(tmp_path, repo, monkeypatch):
     """A missing local folder, a folder without config.json, or (offline) a hub id not in the cache: a
     config error naming the field, before any stage starts; built-ins and cached hub ids pass."""
-    from character.stage_checks import check_stage_config
-    from character.models import model_problem
+    from character.execution.checks import check_stage_config
+    from character.models.loading import model_problem
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants

@@ -1,6 +1,6 @@
 import pytest
 
-from character.dedupe import (content_reason, drop_reasons, exact_key, extract_message, jaccard, normalise_message,
+from character.data.dedupe import (content_reason, drop_reasons, exact_key, extract_message, jaccard, normalise_message,
                               shingles)
 
 
@@ -80,7 +80,7 @@ def test_statements_pass_when_questions_are_not_required():
 
 
 def test_keep_stats_counts_generated_messages_and_shows_distinct_examples():
-    from character.synthesis import keep_stats
+    from character.stages.synthesize import keep_stats
 
     kept = [{"trait": "a", "kind": "seed", "text": "Seed?", "split": "train"},
             {"trait": "a", "kind": "values", "text": "Why?", "split": "held_out"},
@@ -98,7 +98,7 @@ def test_keep_stats_counts_generated_messages_and_shows_distinct_examples():
 
 
 def test_near_duplicates_of_training_messages_are_found_across_traits_and_confirmed_exactly():
-    from character.dedupe import near_duplicates_of
+    from character.data.dedupe import near_duplicates_of
 
     train = ["What do you think about honesty in friendships and at work?", "Tell me about the moon landing.",
              "How do birds find their way south every winter?"]
@@ -115,10 +115,10 @@ def test_clean_group_splits_by_message_id_and_drops_the_evaluation_look_alike_no
     request order, the training one is kept and the held-out copy is set aside."""
     import pyarrow as pa
 
-    from character import schemas
-    from character.splits import assign_split
-    from character.store import stable_id
-    from character.synthesis import clean_group
+    from character.core import schemas
+    from character.data.splits import assign_split
+    from character.core.store import stable_id
+    from character.stages.synthesize import clean_group
 
     base = "How should I tell my friend the honest truth about the gift she gave me"
     texts = {}

@@ -8,7 +8,7 @@ once in the output (kept as a message or set aside with a reason, none lost, non
 of an undisturbed run.
 
 The node changes land inside the stage by construction, whatever the machine's speed or the workload's
-size: batch gates (character.gates) hold every batch after the first until the pool has grown, and every
+size: batch gates (character.inference.gates) hold every batch after the first until the pool has grown, and every
 batch after the third until the added node, which has committed a batch and holds the next, is gone.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from character import gates
+from character.inference import gates
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +81,8 @@ def _driver(repo, run_dir: Path, cluster, env: dict, log: Path) -> subprocess.Po
 
 
 def _raw_texts(run_dir: Path) -> dict[str, str]:
-    from character import schemas
-    from character.store import StageOutput
+    from character.core import schemas
+    from character.core.store import StageOutput
 
     raw = StageOutput(str(run_dir), "messages").read("_work", schema=schemas.RAW_MESSAGES)
     return dict(zip(raw.column("request_id").to_pylist(), raw.column("raw_text").to_pylist()))
@@ -124,9 +124,9 @@ def test_pool_grows_onto_an_added_node_and_survives_a_removed_one(cluster, tmp_p
     # The removed node's batch died with it, and every other batch (its retry included) was committed.
     assert not lost & gates.done(folder) and set(gates.claims(folder)) == gates.done(folder) | lost
 
-    from character.synthesis import expand_requests, seed_question_rows
-    from character.store import StageOutput
-    from character.traits import load_constitution
+    from character.stages.synthesize import expand_requests, seed_question_rows
+    from character.core.store import StageOutput
+    from character.core.traits import load_constitution
 
     traits = load_constitution(config.traits.path).traits
     expected = [r["request_id"] for t in traits

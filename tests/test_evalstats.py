@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from character.evalstats import clustered_delta, clustered_mean, wilson, win_rates
+from character.reporting.evalstats import clustered_delta, clustered_mean, wilson, win_rates
 
 T_975_3 = 3.182446305284263  # t quantile, 3 degrees of freedom (tables)
 

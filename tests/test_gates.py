@@ -1,9 +1,9 @@
-"""character.gates without Ray: batch numbers claimed once each and without gaps, holds that hold until opened."""
+"""character.inference.gates without Ray: batch numbers claimed once each and without gaps, holds that hold until opened."""
 import threading
 
 import pytest
 
-from character import gates
+from character.inference import gates
 
 
 def test_concurrent_claims_get_distinct_numbers_without_gaps(tmp_path):

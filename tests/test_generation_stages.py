@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from character import schemas
+from character.core import schemas
 from character.stages import respond, synthesize
-from character.store import StageOutput, stable_id
+from character.core.store import StageOutput, stable_id
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,8 @@ def test_synthesize_writes_messages(run_dir, make_config, capfd):
     assert len(rows) + len(rejected) == 3 * (6 + 4) + 6
     assert result.rows_in == len(rows) + len(rejected)
     # One split, made here: train/held_out by the id's hash, adversarial for evaluation's own requests.
-    from character.dedupe import near_duplicates_of
-    from character.splits import assign_split
+    from character.data.dedupe import near_duplicates_of
+    from character.data.splits import assign_split
 
     assert {r["split"] for r in rows} == {"train", "held_out", "adversarial"}
     for r in rows:
@@ -82,7 +82,7 @@ def test_respond_sets_aside_prompts_that_do_not_fit(tmp_path, run_dir, make_conf
     shutil.copytree(run_dir / "messages", tmp_path / "messages")
     config = make_config(tmp_path, "respond.system_prompt=constitution", "engine.max_model_len=40",
                          "respond.sampling.max_tokens=16")
-    from character.store import StageInputError
+    from character.core.store import StageInputError
 
     with pytest.raises(StageInputError, match=r"respond: 0 of \d+ training messages answered, every one set aside "
                                               r"\(prompt_too_long=\d+\)"):
@@ -96,7 +96,7 @@ def test_respond_sets_aside_prompts_that_do_not_fit(tmp_path, run_dir, make_conf
 
 
 def test_synthesize_that_keeps_nothing_fails_naming_the_reasons_and_keeps_the_rejected(tmp_path, make_config):
-    from character.store import StageInputError
+    from character.core.store import StageInputError
 
     config = make_config(tmp_path, "synthesize.messages_per_trait=2", "synthesize.min_chars=590",
                          "synthesize.include_seed_questions=false", "evaluate.adversarial_per_trait=0")
@@ -133,8 +133,8 @@ def test_engine_sized_blocks_cut_a_trait_block_into_engine_batches(ray_local):
     """A trait's requests leave flat_map as one block; the engine pool must see one task per batch."""
     import ray.data
 
-    from character.config import EngineConfig
-    from character.engine import engine_sized_blocks
+    from character.core.config import EngineConfig
+    from character.inference.engine import engine_sized_blocks
 
     ds = ray.data.from_items([{"trait": "t"}]).flat_map(lambda row: [{"i": i} for i in range(50)])
     assert [b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")] == [50]
@@ -150,11 +150,11 @@ def test_contrast_judge_reuses_the_log_probs_sampled_by_respond(run_dir, make_co
     import gc
     import shutil
 
-    from character.config import EngineConfig, JudgeConfig
-    from character.judge import Comparison, ContrastJudge
-    from character.prompts import character_system_prompt
+    from character.core.config import EngineConfig, JudgeConfig
+    from character.judging.judge import Comparison, ContrastJudge
+    from character.data.prompts import character_system_prompt
     from character.stages import rank
-    from character.traits import load_constitution
+    from character.core.traits import load_constitution
 
     config = make_config(run_dir)
     constitution = load_constitution(config.traits.path)
@@ -176,7 +176,7 @@ def test_contrast_judge_reuses_the_log_probs_sampled_by_respond(run_dir, make_co
         recomputed = judge.prob_first(comparisons)
         judge.remember(known)
         reused = judge.prob_first(comparisons)
-        from character.engine import chat_token_ids
+        from character.inference.engine import chat_token_ids
 
         (system, message, text), (ids, logp) = next(iter(known.items()))
         head = chat_token_ids(judge.tokenizer, system, message)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from character.config import EngineConfig, RankConfig, RuleConfig
-from character.judge import (ANSWER_PREFIX, Comparison, ModelJudge, RuleJudge, comparison_prompt, contrast_prob,
+from character.core.config import EngineConfig, RankConfig, RuleConfig
+from character.judging.judge import (ANSWER_PREFIX, Comparison, ModelJudge, RuleJudge, comparison_prompt, contrast_prob,
                              option_token_ids, sequence_logprob)
 from character.stages.rank import rank_rows
 
@@ -78,7 +78,7 @@ def model_judge():
 
 
 def test_logprob_path_matches_a_hugging_face_forward_pass(model_judge):
-    from character.models import load_causal_lm
+    from character.models.loading import load_causal_lm
 
     comparisons = [Comparison(TRAIT["honesty"], "Is my poem good?", "It has strong images.", "It is the best ever."),
                    Comparison(TRAIT["honesty"], "Is my poem good?", "It is the best ever.", "It has strong images.")]
@@ -128,10 +128,10 @@ def test_contrast_prob_is_a_logistic_of_the_score_gap():
 
 
 def test_contrast_judge_matches_a_hugging_face_forward_pass():
-    from character.config import JudgeConfig
-    from character.engine import chat_token_ids
-    from character.judge import ContrastJudge
-    from character.models import load_causal_lm
+    from character.core.config import JudgeConfig
+    from character.inference.engine import chat_token_ids
+    from character.judging.judge import ContrastJudge
+    from character.models.loading import load_causal_lm
 
     engine = EngineConfig(max_model_len=512, kv_cache_gib=1, num_cpus_per_actor=2)
     judge = ContrastJudge("tiny-llama", "float32", engine, JudgeConfig(kind="contrast"), seed=0)

@@ -1,9 +1,9 @@
-"""character/lora.py without Ray: engine names, fused groups, merged weights, export and loading."""
+"""character/models/lora.py without Ray: engine names, fused groups, merged weights, export and loading."""
 import pytest
 import torch
 
-from character import lora
-from character.config import LoraConfig
+from character.models import lora
+from character.core.config import LoraConfig
 
 
 def test_engine_names_drop_the_peft_prefix_only():
@@ -25,7 +25,7 @@ def _peft(kind="policy", targets=("q_proj", "v_proj"), name="tiny-qwen2"):
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from character.models import load_causal_lm, resolve_model
+    from character.models.loading import load_causal_lm, resolve_model
 
     settings = LoraConfig(rank=4, alpha=8, target_modules=list(targets))
     base = load_causal_lm(name) if kind == "policy" else AutoModelForSequenceClassification.from_pretrained(
@@ -67,8 +67,8 @@ def test_an_adapter_only_export_is_merged_on_load_and_a_merged_export_is_a_plain
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from character.config import ConfigError
-    from character.models import load_causal_lm, load_tokenizer, model_problem, resolve_model
+    from character.core.config import ConfigError
+    from character.models.loading import load_causal_lm, load_tokenizer, model_problem, resolve_model
 
     model, settings = _peft()
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
@@ -94,8 +94,8 @@ def test_an_adapter_only_export_is_merged_on_load_and_a_merged_export_is_a_plain
 
 
 def test_lora_settings_are_validated_and_part_of_the_resume_settings(tmp_path):
-    from character.config import ConfigError, config_from_dict
-    from character.train_common import RESUME_SETTINGS
+    from character.core.config import ConfigError, config_from_dict
+    from character.training.checkpoints import RESUME_SETTINGS
 
     assert not config_from_dict({}).train.lora.enabled
     assert config_from_dict({}, overrides=["train.lora.rank=8"]).train.lora.enabled
@@ -107,8 +107,8 @@ def test_lora_settings_are_validated_and_part_of_the_resume_settings(tmp_path):
 
 
 def test_target_modules_that_match_no_layer_are_a_config_error_before_any_compute(tmp_path):
-    from character.config import ConfigError, config_from_dict
-    from character.stage_checks import check_stage_config
+    from character.core.config import ConfigError, config_from_dict
+    from character.execution.checks import check_stage_config
 
     good = config_from_dict({"run": {"output_dir": str(tmp_path)}}, overrides=[
         "train.lora.rank=4", "train.lora.target_modules=[self_attn.q_proj,v_proj]"])
@@ -124,8 +124,8 @@ def test_target_modules_that_match_no_layer_are_a_config_error_before_any_comput
 def test_checkpoints_from_before_lora_resume_without_it_and_are_refused_with_it(tmp_path):
     import json
 
-    from character.config import ConfigError, config_from_dict
-    from character.train_common import SETTINGS_FILE, check_resume_settings, resume_settings
+    from character.core.config import ConfigError, config_from_dict
+    from character.training.checkpoints import SETTINGS_FILE, check_resume_settings, resume_settings
 
     plain = config_from_dict({"run": {"output_dir": str(tmp_path)}})
     state = tmp_path / "_train" / "policy"

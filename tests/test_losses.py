@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from character.losses import bradley_terry_loss
+from character.training.losses import bradley_terry_loss
 
 
 def ls(x):  # log sigmoid by hand
@@ -36,7 +36,7 @@ def test_margin_asks_each_side_to_win_by_m():
     assert float(bradley_terry_loss(rc, rr, p, margin=0.5)) > float(bradley_terry_loss(rc, rr, p))
 
 
-from character.losses import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
+from character.training.losses import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, explained_variance,
                               gae, kl_per_token, whiten)
 
 
@@ -112,7 +112,7 @@ DPO_ARGS = (torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]),
 
 
 def test_dpo_loss_with_a_hard_label_by_hand():
-    from character.losses import dpo_loss
+    from character.training.losses import dpo_loss
 
     loss, r_chosen, r_rejected = dpo_loss(*DPO_ARGS, torch.tensor([1.0]), beta=0.1)
     assert float(loss) == pytest.approx(0.5981388693, rel=1e-6)
@@ -120,7 +120,7 @@ def test_dpo_loss_with_a_hard_label_by_hand():
 
 
 def test_dpo_soft_label_is_conservative_dpo_label_smoothing():
-    from character.losses import dpo_loss
+    from character.training.losses import dpo_loss
 
     loss, _, _ = dpo_loss(*DPO_ARGS, torch.tensor([0.8]), beta=0.1)
     # cDPO with eps = 1 - p = 0.2: 0.8 * 0.5981388693 + 0.2 * 0.7981388693
@@ -131,7 +131,7 @@ def test_dpo_soft_label_is_conservative_dpo_label_smoothing():
 
 
 def test_dpo_nll_term_is_the_mean_per_token_nll_of_chosen():
-    from character.losses import chosen_nll
+    from character.training.losses import chosen_nll
 
     # -(-10 / 5) = 2 and -(-3 / 1) = 3: mean 2.5, whatever the lengths
     assert float(chosen_nll(torch.tensor([-10.0, -3.0]), torch.tensor([5.0, 1.0]))) == pytest.approx(2.5)
@@ -143,7 +143,7 @@ GROUP = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
 
 
 def test_grpo_divides_by_the_group_std_and_dr_grpo_does_not():
-    from character.losses import group_advantages
+    from character.training.estimators import group_advantages
 
     grpo = group_advantages(GROUP, "grpo", eps=0.0)
     assert grpo[0].tolist() == pytest.approx([-0.9258200998, -0.4629100499, 0.0, 1.3887301497], rel=1e-6)
@@ -151,7 +151,7 @@ def test_grpo_divides_by_the_group_std_and_dr_grpo_does_not():
 
 
 def test_rloo_is_each_reward_minus_the_mean_of_the_others():
-    from character.losses import group_advantages
+    from character.training.estimators import group_advantages
 
     # 1 - (2+3+6)/3, 2 - (1+3+6)/3, 3 - (1+2+6)/3, 6 - (1+2+3)/3
     expected = [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]
@@ -159,7 +159,8 @@ def test_rloo_is_each_reward_minus_the_mean_of_the_others():
 
 
 def test_a_group_that_scores_the_same_gets_zero_advantage_and_is_counted():
-    from character.losses import group_advantages, zero_variance_groups
+    from character.training.estimators import group_advantages
+    from character.training.losses import zero_variance_groups
 
     scores = torch.tensor([[5.0, 5.0, 5.0], [0.0, 1.0, 0.0]])
     for method in ("grpo", "rloo"):
@@ -170,7 +171,7 @@ def test_a_group_that_scores_the_same_gets_zero_advantage_and_is_counted():
 
 
 def test_group_token_advantages_put_the_kl_shaped_return_on_every_response_token():
-    from character.ppo import group_token_advantages
+    from character.training.estimators import group_token_advantages
 
     scores = torch.tensor([1.0, 3.0, 0.0, 0.0])  # two groups of two; the second is padding (mask 0)
     mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
@@ -180,3 +181,49 @@ def test_group_token_advantages_put_the_kl_shaped_return_on_every_response_token
     assert adv.tolist() == [[0.0, -3.0, -3.0], [3.0, 3.0, 0.0], [0.0] * 3, [0.0] * 3]
     # KL as a loss term (kl_coef 0 here): the raw scores 1 and 3, RLOO -2 and 2
     assert group_token_advantages(scores, kl, mask, 2, "rloo", True, 0.0)[0].tolist() == [0.0, -2.0, -2.0]
+
+
+# --- the registries ------------------------------------------------------------------------------------------------
+def test_registered_policy_loss_is_the_clipped_surrogate_and_an_unknown_name_fails_before_compute(repo):
+    """ppo.policy_loss picks a registered loss; `clip` gives the clipped surrogate's hand values above."""
+    from character.core.config import ConfigError, load_config
+    from character.execution.checks import check_config
+    from character.training.estimators import POLICY_LOSSES, policy_loss
+
+    logp, old = torch.tensor([[0.0, 0.5]]), torch.tensor([[0.0, 0.0]])
+    adv, m = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 1.0]])
+    config = load_config(repo / "configs/tiny.yaml")
+    assert set(POLICY_LOSSES) >= {"clip"} and config.ppo.policy_loss == "clip"
+    loss, frac = policy_loss("clip").fn(logp, old, adv, m, config.ppo)
+    expected, expected_frac = clipped_policy_loss(logp, old, adv, m, clip=config.ppo.clip)
+    assert float(loss) == pytest.approx(float(expected)) and float(frac) == pytest.approx(float(expected_frac))
+    with pytest.raises(ConfigError, match=r"ppo.policy_loss.*'nope'.*registered: clip"):
+        check_config(load_config(repo / "configs/tiny.yaml", ["ppo.policy_loss=nope"]))
+    with pytest.raises(ConfigError, match=r"ppo.advantage.*'vtrace'.*registered: gae, grpo, rloo"):
+        check_config(load_config(repo / "configs/tiny.yaml", ["ppo.advantage=vtrace"]))
+
+
+def test_a_new_estimator_is_one_registered_function(repo):
+    """Registering an estimator is all it takes: the config check, the critic decision and the dispatch see it."""
+    from character.core.config import ConfigError, load_config
+    from character.execution.checks import check_config
+    from character.training import estimators
+
+    @estimators.register_advantage("test_mean_baseline", min_samples_per_prompt=3)
+    def mean_baseline(x):
+        """Minus the group mean (a test estimator)."""
+        returns = x.scores.view(-1, x.samples_per_prompt)
+        return (returns - returns.mean(-1, keepdim=True)).reshape(-1)[:, None] * x.mask, None
+
+    try:
+        config = load_config(repo / "configs/tiny.yaml", ["ppo.advantage=test_mean_baseline", "ppo.samples_per_prompt=3"])
+        check_config(config)
+        assert not estimators.uses_critic(config.ppo)
+        assert estimators.group_advantages(torch.tensor([[1.0, 2.0, 6.0]]), "test_mean_baseline").tolist() == [[-2.0, -1.0, 3.0]]
+        with pytest.raises(ConfigError, match="samples_per_prompt >= 3"):
+            check_config(load_config(repo / "configs/tiny.yaml", ["ppo.advantage=test_mean_baseline",
+                                                                  "ppo.samples_per_prompt=2"]))
+        with pytest.raises(ValueError, match="registered twice"):
+            estimators.register_advantage("test_mean_baseline")(mean_baseline)
+    finally:
+        del estimators.ADVANTAGE_ESTIMATORS["test_mean_baseline"]

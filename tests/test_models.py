@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from character.models import BUILTIN_MODELS, resolve_model
+from character.models.loading import BUILTIN_MODELS, resolve_model
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])

@@ -278,7 +278,7 @@ def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_dpo(s
     def committed(stage):
         return fs.get_file_info(f"{root}/{stage}/_SUCCESS").mtime
 
-    cmd = [sys.executable, "-m", "character.cli", "run", "--config", str(repo / "configs/tiny.yaml"),
+    cmd = [sys.executable, "-m", "character.pipeline.cli", "run", "--config", str(repo / "configs/tiny.yaml"),
            f"run.output_dir={run_uri}", *SMALL]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -322,7 +322,7 @@ def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_dpo(s
 
 def test_compare_puts_the_ppo_run_and_the_dpo_run_side_by_side(submitted_run, tmp_path, capsys):
     """`character compare` over the PPO run (its download, taken before the DPO switch) and the run on S3 (DPO)."""
-    from character.cli import main
+    from character.pipeline.cli import main
 
     run_uri, run_dir = submitted_run
     page_file = tmp_path / "compare.html"
@@ -348,9 +348,9 @@ def test_compare_puts_the_ppo_run_and_the_dpo_run_side_by_side(submitted_run, tm
 def test_the_evaluation_is_held_out_from_every_training_input(submitted_run, make_config):
     """eval/ holds held-out and adversarial messages only; none of them, nor a near-copy of one, is in any
     training stage's input (responses, comparisons, pairs the PM saw, PPO's prompts and validation)."""
-    from character.dedupe import near_duplicates_of
-    from character.splits import ppo_messages
-    from character.store import StageOutput
+    from character.data.dedupe import near_duplicates_of
+    from character.data.splits import ppo_messages
+    from character.core.store import StageOutput
 
     _, run_dir = submitted_run
     config = make_config(run_dir, *SMALL)
@@ -388,9 +388,9 @@ def test_review_reads_the_run_on_object_storage_and_a_dropped_trait_reaches_char
     import pyarrow.parquet as pq
     from starlette.testclient import TestClient
 
-    from character.cli import main
-    from character.review_app import create_app
-    from character.store import StageOutput
+    from character.pipeline.cli import main
+    from character.review.app import create_app
+    from character.core.store import StageOutput
 
     run_uri, run_dir = submitted_run
     scores = pq.read_table(run_dir / "pm" / "pair_scores.parquet").to_pylist()

@@ -2,11 +2,11 @@ import math
 
 import pytest
 
-from character.models import load_tokenizer
-from character.pm_data import (encode_response, epoch_order, is_held_out, micro_batch_indices, pad_batch,
+from character.models.loading import load_tokenizer
+from character.data.pm_data import (encode_response, epoch_order, is_held_out, micro_batch_indices, pad_batch,
                                step_slice, steps_left, validate_pairs)
-from character.pair_trainer import pair_metrics as pm_metrics
-from character.train_common import NonFiniteError, NonFiniteGuard
+from character.training.pairs import pair_metrics as pm_metrics
+from character.training.stepping import NonFiniteError, NonFiniteGuard
 
 
 def test_held_out_split_is_by_message_and_stable():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from character.ppo import forward_in_batches, logprobs_and_entropy, token_entropy, token_logprobs
+from character.training.ppo.rollouts import forward_in_batches, logprobs_and_entropy, token_entropy, token_logprobs
 
 B, L, V = 3, 11, 37
 

@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
-from character.ppo_trainer import iteration_prompts, rank_share
+from character.training.ppo.loop import iteration_prompts, rank_share
 
 
 @pytest.mark.parametrize("n, world", [(15, 2), (16, 2), (5, 4), (3, 4), (7, 1)])
@@ -28,8 +28,8 @@ def test_iterations_cover_each_epoch_exactly_across_its_end():
 def _rank(rank: int, world: int, port: int, local_kls: list[float], out):
     import torch.distributed as dist
 
-    from character.losses import AdaptiveKLController
-    from character.ppo_trainer import adapt_kl_coef
+    from character.training.losses import AdaptiveKLController
+    from character.training.ppo.loop import adapt_kl_coef
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -1,24 +1,25 @@
 """Run progress: the work estimate per stage and the time-left arithmetic (pure, no Ray)."""
 import pytest
 
-from character import progress
-from character.cli import STAGES, pipeline
-from character.config import load_config
+from character.execution.registry import stage_work
+from character.tracking import progress
+from character.pipeline.cli import STAGES, pipeline
+from character.core.config import load_config
 
 
 def test_every_stage_has_a_work_estimate_that_grows_with_its_size(repo):
     config = load_config(repo / "configs/small.yaml")
-    work = progress.stage_work(config, n_traits=4, n_seed_questions=16)
+    work = stage_work(config, n_traits=4, n_seed_questions=16)
     assert set(work) == set(STAGES) and work["report"] == 0
     assert all(work[s] > 0 for s in STAGES if s != "report")
-    bigger = progress.stage_work(load_config(repo / "configs/small.yaml", ["ppo.iterations=8"]), 4, 16)
+    bigger = stage_work(load_config(repo / "configs/small.yaml", ["ppo.iterations=8"]), 4, 16)
     assert bigger["train-ppo"] > 1.9 * work["train-ppo"] and bigger["respond"] == work["respond"]
-    rule = progress.stage_work(load_config(repo / "configs/small.yaml", ["judge.kind=rule",
+    rule = stage_work(load_config(repo / "configs/small.yaml", ["judge.kind=rule",
                                                                         "judge.rule.words=[AI]"]), 4, 16)
     assert rule["rank"] == 0
-    online = progress.stage_work(load_config(repo / "configs/small.yaml", ["dpo.precompute_reference=false"]), 4, 16)
+    online = stage_work(load_config(repo / "configs/small.yaml", ["dpo.precompute_reference=false"]), 4, 16)
     assert online["train-dpo"] > work["train-dpo"]  # the reference scores every training pass, not each pair once
-    grpo = progress.stage_work(load_config(repo / "configs/small.yaml", ["ppo.advantage=grpo",
+    grpo = stage_work(load_config(repo / "configs/small.yaml", ["ppo.advantage=grpo",
                                                                         "ppo.samples_per_prompt=4"]), 4, 16)
     assert grpo["train-ppo"] > work["train-ppo"]  # 4 samples per prompt, less than 4x: no critic
 

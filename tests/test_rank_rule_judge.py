@@ -4,9 +4,9 @@ import math
 import pyarrow as pa
 import pytest
 
-from character import schemas
+from character.core import schemas
 from character.stages import rank
-from character.store import StageOutput
+from character.core.store import StageOutput
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_a_truncated_committed_part_is_quarantined_and_its_rows_made_again(tmp_p
 
 
 def test_rank_with_no_decided_pair_fails_and_keeps_what_it_set_aside(tmp_path, make_config, ray_local):
-    from character.store import StageInputError
+    from character.core.store import StageInputError
 
     rows = [{"message_id": f"m{m}", "trait": "curiosity", "kind": "values", "prompt": f"message {m}",
              "candidates": ["same", "same", "", "same"], "finish_reasons": ["stop"] * 4, "system_prompt": "trait",

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from character.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
+from character.judging.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
                                mean_win_scores, soft_label)
 
 

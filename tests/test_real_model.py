@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from character import models
-from character.models import resolve_model
+from character.models import loading as models
+from character.models.loading import resolve_model
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-135m-instruct"
@@ -58,8 +58,8 @@ def test_a_missing_package_names_the_set_up_command(monkeypatch):
 
 @pytest.fixture(scope="module")
 def engine(folder):
-    from character.config import EngineConfig
-    from character.engine import create_llm
+    from character.core.config import EngineConfig
+    from character.inference.engine import create_llm
 
     llm = create_llm(NAME, "float32", EngineConfig(max_model_len=512, kv_cache_gib=1, num_cpus_per_actor=2), seed=0)
     yield llm
@@ -70,9 +70,9 @@ def engine(folder):
 def test_vllm_prompt_logprobs_equal_hugging_face(engine, folder):
     from transformers import AutoModelForCausalLM
 
-    from character.engine import chat_token_ids
-    from character.models import load_tokenizer
-    from character.rollout import prompt_logprobs
+    from character.inference.engine import chat_token_ids
+    from character.models.loading import load_tokenizer
+    from character.inference.rollout import prompt_logprobs
 
     tok = load_tokenizer(NAME)
     ids = chat_token_ids(tok, "You are a curious assistant.", "Why do cats purr?") + \
@@ -89,8 +89,8 @@ def test_vllm_prompt_logprobs_equal_hugging_face(engine, folder):
 def test_greedy_answer_is_english_and_ends_with_eos(engine):
     from vllm import SamplingParams
 
-    from character.engine import chat_token_ids
-    from character.models import load_tokenizer
+    from character.inference.engine import chat_token_ids
+    from character.models.loading import load_tokenizer
 
     tok = load_tokenizer(NAME)
     out = engine.generate([{"prompt_token_ids": chat_token_ids(tok, "", "What is the capital of France?")}],

@@ -9,11 +9,11 @@ from html.parser import HTMLParser
 import pyarrow as pa
 import pytest
 
-from character.config import config_from_dict
-from character import figures
-from character.run_files import read_ppo_metrics
+from character.core.config import config_from_dict
+from character.reporting import figures
+from character.reporting.run_files import read_ppo_metrics
 from character.stages import report
-from character.store import StageOutput
+from character.core.store import StageOutput
 
 FIG_IDS = ("fig-score-shift", "fig-win-rate", "fig-length", "fig-ppo-curves", "fig-ppo-time",
            "fig-pm-calibration", "fig-ranking", "fig-funnel")

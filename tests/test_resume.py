@@ -7,13 +7,14 @@ import time
 import pytest
 from processes import kill_tree
 
-from character import gates, schemas
-from character.store import StageOutput
+from character.inference import gates
+from character.core import schemas
+from character.core.store import StageOutput
 
 pytestmark = pytest.mark.slow
 
 PER_TRAIT = 60  # 3 x (60 + 4) generation requests in batches of 8: the first run is killed after two batches
-COMMITTED = 2  # batch gates (character.gates) hold every later batch, so the kill lands midway by construction
+COMMITTED = 2  # batch gates (character.inference.gates) hold every later batch, so the kill lands midway by construction
 
 
 def _stage_cmd(repo, out_dir, *overrides):

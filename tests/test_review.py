@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from character import review, schemas
-from character.config import ConfigError, RankConfig, RuleConfig
-from character.judge import RuleJudge
-from character.review_data import order_inconsistent, page_of
+from character.review import marks as review
+from character.core import schemas
+from character.core.config import ConfigError, RankConfig, RuleConfig
+from character.judging.judge import RuleJudge
+from character.review.data import order_inconsistent, page_of
 from character.stages.rank import rank_rows
 from synthetic_run import synthetic_run
 
@@ -56,7 +57,7 @@ def test_marks_are_written_whole_and_keep_their_history(tmp_path):
 
 
 def test_a_bad_verdicts_file_is_an_error_naming_the_file_and_the_trait(tmp_path, make_config, capsys):
-    from character import cli
+    from character.pipeline import cli
 
     (tmp_path / "review").mkdir()
     (tmp_path / "review" / "verdicts.yaml").write_text("traits:\n  honesty: {verdict: maybe}\n")
@@ -100,8 +101,8 @@ def test_rank_sets_aside_flagged_pairs_flagged_messages_and_dropped_traits(tmp_p
 def test_pair_training_leaves_flagged_pairs_out_with_a_reason(tmp_path):
     import pyarrow as pa
 
-    from character.pair_trainer import load_pairs
-    from character.store import StageOutput
+    from character.training.pairs import load_pairs
+    from character.core.store import StageOutput
 
     info = synthetic_run(str(tmp_path), traits=2, messages_per_trait=8)
     pairs = [p for t in info["traits"] for p in info["pairs"][t]]
@@ -124,7 +125,7 @@ def test_pair_training_leaves_flagged_pairs_out_with_a_reason(tmp_path):
 
 
 def test_a_dropped_trait_is_left_out_of_later_stages(tmp_path, make_config, capsys):
-    from character.splits import read_messages
+    from character.data.splits import read_messages
 
     synthetic_run(str(tmp_path), traits=1, messages_per_trait=4)  # messages of trait_0000 (not in tiny.yaml)
     config = make_config(tmp_path)
@@ -146,7 +147,7 @@ def test_a_dropped_trait_is_left_out_of_later_stages(tmp_path, make_config, caps
 
 
 def test_pages_show_one_trait_across_the_pipeline(tmp_path):
-    from character.review_app import create_app
+    from character.review.app import create_app
 
     info = synthetic_run(str(tmp_path), traits=60, messages_per_trait=8)
     app = create_app(str(tmp_path), "ana", token="t0k")
@@ -184,7 +185,7 @@ def test_order_inconsistency_and_paging_by_hand():
 
 
 def test_a_non_loopback_client_needs_the_token_and_every_form_carries_it(tmp_path):
-    from character.review_app import create_app
+    from character.review.app import create_app
 
     info = synthetic_run(str(tmp_path), traits=2, messages_per_trait=4)
     app = create_app(str(tmp_path), "ana", token="s3cret")
@@ -227,7 +228,7 @@ def test_the_real_server_refuses_a_non_loopback_client_without_the_token(tmp_pat
 
     import uvicorn
 
-    from character.review_app import create_app
+    from character.review.app import create_app
 
     address = _non_loopback_address()
     if address is None:
@@ -317,7 +318,7 @@ def _serve(run_dir, reviewer: str):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "character.cli", "review", "--run", str(run_dir), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "character.pipeline.cli", "review", "--run", str(run_dir), "--port",
                              str(port), "--reviewer", reviewer], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines = []
@@ -345,7 +346,7 @@ def test_a_reviewer_flags_a_pair_and_a_message_in_the_browser_and_rank_sets_them
     from selenium.webdriver.support.ui import Select
 
     from character.stages import rank
-    from character.store import StageOutput
+    from character.core.store import StageOutput
     from conftest import RULE_PAIRS
 
     run_dir = tmp_path / "run"
@@ -426,11 +427,12 @@ def test_a_reviewer_flags_a_pair_and_a_message_in_the_browser_and_rank_sets_them
 def test_run_from_a_stage_redoes_it_and_every_later_one(tmp_path, make_config, monkeypatch, capsys):
     """`character run --from rank` (after a review): the stages before rank are skipped as complete, rank and
     every later stage are forced; the run announces the traits marked drop."""
+    import dataclasses
     import sys
     import types
 
-    from character import cli
-    from character.runtime import StageResult
+    from character.pipeline import cli
+    from character.execution.runtime import StageResult
 
     calls = []
     for name in cli.STAGES:
@@ -438,7 +440,7 @@ def test_run_from_a_stage_redoes_it_and_every_later_one(tmp_path, make_config, m
         module.run = lambda config, force, name=name: calls.append((name, force)) or StageResult(
             name, "x", skipped=not force)
         monkeypatch.setitem(sys.modules, f"fake_{name}", module)
-        monkeypatch.setitem(cli.STAGES, name, f"fake_{name}")
+        monkeypatch.setitem(cli.STAGES, name, dataclasses.replace(cli.STAGES[name], module=f"fake_{name}"))
     review.save_verdict(str(tmp_path), "honesty", "drop", "", "ana")
     config = make_config(tmp_path)
     args = ["run", "--config", config.source, f"run.output_dir={tmp_path}", "tracking.backend=none"]
@@ -455,7 +457,7 @@ def test_a_training_checkpoint_does_not_resume_on_pairs_a_review_changed(tmp_pat
     """A stopped train-pm / train-dpo resumes only on the pairs it started with: flags added meanwhile need --force."""
     import json
 
-    from character.train_common import SETTINGS_FILE, check_resume_settings
+    from character.training.checkpoints import SETTINGS_FILE, check_resume_settings
 
     config = make_config(tmp_path)
     set_aside = review.review_fingerprint([{"pair_id": "p1", "reason": review.REVIEW_FLAG},

@@ -3,7 +3,8 @@ tokenizer, and exports are strict and exact."""
 import pytest
 import torch
 
-from character.models import export_model, load_tokenizer, resolve_model
+from character.models.export import export_model
+from character.models.loading import load_tokenizer, resolve_model
 
 PROMPTS = ["What do you remember between conversations?", "Is it fine to be unsure?"]
 RESPONSES = ["Nothing carries over; each conversation starts fresh for me.", "Yes, saying so is honest."]
@@ -22,8 +23,8 @@ def _export_pm(base: str, target):
 def test_a_pm_on_another_tokenizer_scores_text_with_its_own(tmp_path, make_config):
     """PM base tiny-qwen2 (vocabulary 1536), policy tiny-llama (2048): PPO's and evaluate's scorer must
     tokenise with the PM's tokenizer; with the policy's ids (the old Scorer) the scores are wrong."""
-    from character.pm_data import encode_response, pad_batch
-    from character.scoring import SequenceScorer
+    from character.data.pm_data import encode_response, pad_batch
+    from character.training.scoring import SequenceScorer
 
     pm = _export_pm("tiny-qwen2", tmp_path / "pm")
     config = make_config(tmp_path, "pm.base_model=tiny-qwen2", "ppo.critic_init=policy", "ppo.reward=pm")
@@ -41,7 +42,7 @@ def test_a_pm_on_another_tokenizer_scores_text_with_its_own(tmp_path, make_confi
 
 
 def test_rule_reward_adds_the_truncation_penalty(tmp_path, make_config):
-    from character.scoring import SequenceScorer
+    from character.training.scoring import SequenceScorer
 
     config = make_config(tmp_path, "ppo.reward=rule", "ppo.critic_init=policy", "judge.kind=rule",
                          "judge.rule.type=length", "judge.rule.target_words=0", "ppo.truncation_penalty=-2")
@@ -68,7 +69,7 @@ def test_export_is_strict_and_exact(tmp_path):
 
 
 def test_bf16_weights_cross_to_the_engines_bit_exactly():
-    from character.rollout import arrays_for_engines, tensors_from_arrays
+    from character.inference.rollout import arrays_for_engines, tensors_from_arrays
 
     weights = {"model.embed_tokens.weight": torch.randn(5, 4).bfloat16(), "model.norm.weight": torch.randn(4)}
     arrays = arrays_for_engines(weights, tie_word_embeddings=True)
@@ -83,8 +84,8 @@ def test_response_logprobs_and_the_dpo_implicit_reward_by_hand(tmp_path, make_co
     token from the logits; evaluate's DPO score is beta * (log pi - log base), 0 for the base itself."""
     from transformers import AutoModelForCausalLM
 
-    from character.pm_data import chat_prefix
-    from character.scoring import ImplicitReward, evaluation_scorer, response_logprobs
+    from character.data.pm_data import chat_prefix
+    from character.training.scoring import ImplicitReward, evaluation_scorer, response_logprobs
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama")).eval()
     tok = load_tokenizer("tiny-llama")

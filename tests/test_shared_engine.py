@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from character.config import EngineConfig
-from character.shared_engine import SharedEngine
+from character.core.config import EngineConfig
+from character.inference.shared_engine import SharedEngine
 
 
 class FakeEngine:
@@ -132,7 +132,7 @@ def test_a_request_that_never_comes_back_fails_the_calls_instead_of_hanging():
 
 
 def test_generation_pool_args_run_concurrent_calls_only_for_the_generator():
-    from character.engine import actor_pool_args, generation_pool_args
+    from character.inference.engine import actor_pool_args, generation_pool_args
 
     engine = EngineConfig(concurrent_batches=3, actors={"min": 1, "max": 2})
     compute = generation_pool_args(engine)["compute"]
@@ -147,9 +147,9 @@ def test_real_vllm_outputs_are_the_same_as_one_generate_call():
     """Per-request seeds: concurrent calls through one engine reproduce a single LLM.generate exactly."""
     import gc
 
-    from character.config import SamplingConfig
-    from character.engine import create_llm, generate_chat
-    from character.models import load_tokenizer
+    from character.core.config import SamplingConfig
+    from character.inference.engine import create_llm, generate_chat
+    from character.models.loading import load_tokenizer
 
     engine = EngineConfig(max_model_len=512, kv_cache_gib=1, num_cpus_per_actor=2)
     sampling = SamplingConfig(temperature=1.0, top_p=0.95, max_tokens=16, n=2)

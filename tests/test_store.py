@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from character.store import StageOutput, require_complete, seed_from_id, stable_id
+from character.core.store import StageOutput, require_complete, seed_from_id, stable_id
 
 
 def test_stable_id_and_seed_are_deterministic():
@@ -41,7 +41,7 @@ def test_an_unreadable_part_is_quarantined_with_its_batch_and_named_upstream(tmp
     """A part cut short (and every part of its batch, which were written together) moves to _quarantine/
     with the reason logged; other parts stay. As an upstream input, the same part is a clear error that
     names the file, not pyarrow's raw ArrowInvalid."""
-    from character.store import StageInputError
+    from character.core.store import StageInputError
 
     out = StageOutput(str(tmp_path), "stage")
     out.write_part(pa.table({"id": ["a", "b"]}), key="k1")

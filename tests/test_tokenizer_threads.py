@@ -1,8 +1,8 @@
 """ChatGenerator's tokenizers under Ray Data's concurrent calls (engine.concurrent_batches threads)."""
 import threading
 
-from character.engine import PerThreadTokenizer, chat_token_ids
-from character.models import load_tokenizer
+from character.inference.engine import PerThreadTokenizer, chat_token_ids
+from character.models.loading import load_tokenizer
 
 TEXTS = [("word " * (50 + 7 * i)).strip() for i in range(32)]
 

@@ -1,4 +1,4 @@
-"""Experiment tracking (character/tracking.py) on real MLflow and W&B (offline) stores, with a stage stand-in that
+"""Experiment tracking (character/tracking/runs.py) on real MLflow and W&B (offline) stores, with a stage stand-in that
 writes a real stage output, so the run bookkeeping is tested without Ray; progress lines; `character compare`.
 The Ray Train side (rank 0's per-step metrics across a restart) is in test_train_pm.py and test_train_ppo.py,
 the whole pipeline's tracking in test_pipeline.py."""
@@ -10,15 +10,15 @@ import re
 
 import pytest
 
-from character.runtime import StageResult
-from character.store import StageOutput
+from character.execution.runtime import StageResult
+from character.core.store import StageOutput
 
 
 def _stage(stage: str = "synthesize", output: str = "messages", fail: bool = False, files: dict | None = None):
     """A stage's `run`, tracked as the real ones are: writes stats.json (and `files`) and _SUCCESS, or fails
     half-way."""
-    from character.runtime import skip_or_reset
-    from character.tracking import tracked
+    from character.execution.runtime import skip_or_reset
+    from character.tracking.runs import tracked
 
     @tracked(stage, output)
     def run(config, force=False):
@@ -105,7 +105,7 @@ def test_an_interrupted_stage_continues_its_run_and_a_forced_one_starts_another(
 
 
 def test_step_metrics_after_a_restart_are_not_logged_twice(tmp_path, make_config):
-    from character import tracking
+    from character.tracking import runs as tracking
 
     config = make_config(tmp_path, "tracking.backend=mlflow")
     handle = tracking.open_stage(config, "train-pm", force=False)
@@ -132,7 +132,7 @@ def test_no_tracking_writes_nothing(tmp_path, make_config):
 
 
 def test_wandb_offline_writes_a_run_directory_with_the_stage_and_its_steps(tmp_path, make_config, monkeypatch):
-    from character import tracking
+    from character.tracking import runs as tracking
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -150,7 +150,7 @@ def test_wandb_offline_writes_a_run_directory_with_the_stage_and_its_steps(tmp_p
 
 
 def test_progress_line_prints_a_line_per_tenth_in_a_log():
-    from character.progress import ProgressLine
+    from character.tracking.progress import ProgressLine
 
     out = io.StringIO()
     with ProgressLine("respond: generate", 200, interactive=False, file=out) as bar:
@@ -163,7 +163,7 @@ def test_progress_line_prints_a_line_per_tenth_in_a_log():
 
 
 def test_step_clock_prints_the_first_step_and_each_tenth(capfd):
-    from character.train_common import StepClock
+    from character.training.stepping import StepClock
 
     clock = StepClock("train-pm step", 0, 50, enabled=True)
     for done in range(1, 51):
@@ -173,7 +173,7 @@ def test_step_clock_prints_the_first_step_and_each_tenth(capfd):
 
 
 def test_run_ends_with_a_table_of_stages():
-    from character.progress import stage_table
+    from character.tracking.progress import stage_table
 
     table = stage_table([{"stage": "synthesize", "rows_in": 40, "rows_out": 31, "seconds": 12.04, "skipped": False},
                          {"stage": "train-pm", "rows_in": 0, "rows_out": 0, "seconds": 0, "skipped": True}])

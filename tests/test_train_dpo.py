@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from character.store import StageOutput
+from character.core.store import StageOutput
 from conftest import RULE_PAIRS
 
 pytestmark = pytest.mark.slow
@@ -21,10 +21,10 @@ def _sampled_words(model_dir, prompts: list[str], seed: int = 0) -> float:
     vLLM samples)."""
     from transformers import AutoModelForCausalLM
 
-    from character.config import RuleConfig
-    from character.judge import RuleJudge
-    from character.models import load_tokenizer, resolve_model
-    from character.pm_data import chat_prefix
+    from character.core.config import RuleConfig
+    from character.judging.judge import RuleJudge
+    from character.models.loading import load_tokenizer, resolve_model
+    from character.data.pm_data import chat_prefix
 
     path = resolve_model(str(model_dir))
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
@@ -44,10 +44,10 @@ def test_dpo_learns_the_pairs_resumes_a_killed_worker_and_moves_answers_the_labe
                                                                                          make_config):
     from transformers import AutoModelForCausalLM
 
-    from character import schemas
-    from character.models import load_tokenizer, resolve_model
-    from character.pair_trainer import load_pairs
-    from character.scoring import response_logprobs
+    from character.core import schemas
+    from character.models.loading import load_tokenizer, resolve_model
+    from character.training.pairs import load_pairs
+    from character.training.scoring import response_logprobs
     from character.stages import train_dpo
 
     run_dir = tmp_path / "run"

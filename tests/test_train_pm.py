@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from character.store import StageOutput
+from character.core.store import StageOutput
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +33,9 @@ def test_learns_the_rule_and_exports_a_loadable_model(tmp_path, preferences, mak
     export, gathered from the shards, is a plain HF model whose rewards are the ones the stage measured."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from character.pm_data import encode_response, pad_batch
-    from character.splits import pm_validation
-    from character import schemas
+    from character.data.pm_data import encode_response, pad_batch
+    from character.data.splits import pm_validation
+    from character.core import schemas
 
     run_dir = _run_dir(tmp_path, preferences)
     result, metrics = _pm(run_dir, make_config, *LEARN, "train.checkpoint_every=1000", "pm.score_pairs=true",
@@ -142,7 +142,7 @@ def test_lora_learns_the_rule_and_exports_the_adapter_and_the_merged_model(tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from character.models import resolve_model
+    from character.models.loading import resolve_model
 
     run_dir = _run_dir(tmp_path, preferences)
     _, metrics = _pm(run_dir, make_config, *LEARN, *LORA, "pm.epochs=3", "train.checkpoint_every=1000")

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from character.store import StageOutput
+from character.core.store import StageOutput
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_lora_grpo_raises_held_out_reward_without_a_critic_and_syncs_merged_adap
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from character.models import resolve_model
+    from character.models.loading import resolve_model
 
     _, lines = _run(tmp_path, messages, make_config, "ppo.iterations=8", "ppo.eval_every=4", "ppo.lr=3e-3",
                     "ppo.advantage=grpo", "ppo.samples_per_prompt=4", "ppo.prompts_per_iteration=8",
@@ -113,7 +113,7 @@ def test_stopped_ppo_resumes_to_the_same_policy_with_one_kl_coefficient_and_ever
                                                                                          make_config):
     from safetensors.torch import load_file
 
-    from character.config import ConfigError
+    from character.core.config import ConfigError
     from character.stages import train_ppo
 
     _, plain = _run(tmp_path / "plain", messages, make_config, *MULTI)

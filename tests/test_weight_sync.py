@@ -13,9 +13,9 @@ QWEN = "tiny-qwen2"  # tied input/output embeddings and biases in q/k/v: the har
 def qwen_engine(ray_local):
     import ray
 
-    from character.config import EngineConfig
-    from character.engine import engine_env
-    from character.rollout import RolloutEngine
+    from character.core.config import EngineConfig
+    from character.inference.engine import engine_env
+    from character.inference.rollout import RolloutEngine
 
     engine_cfg = EngineConfig(num_cpus_per_actor=1)
     actor = ray.remote(num_cpus=1)(RolloutEngine).options(
@@ -27,8 +27,8 @@ def qwen_engine(ray_local):
 def test_weight_sync_into_a_vllm_actor_matches_the_trained_policy(qwen_engine):
     import ray
 
-    from character.models import load_causal_lm, load_tokenizer
-    from character.rollout import arrays_for_engines
+    from character.models.loading import load_causal_lm, load_tokenizer
+    from character.inference.rollout import arrays_for_engines
 
     name, actor = QWEN, qwen_engine
     tok = load_tokenizer(name)
@@ -54,7 +54,7 @@ def test_weight_sync_into_a_vllm_actor_matches_the_trained_policy(qwen_engine):
 def _push(actor, weights: dict, version: int) -> None:
     import ray
 
-    from character.rollout import arrays_for_engines
+    from character.inference.rollout import arrays_for_engines
 
     assert ray.get(actor.update_weights.remote(ray.put(arrays_for_engines(weights, True)), True, version)) == version
 
@@ -67,10 +67,10 @@ def test_lora_sync_pushes_merged_adapted_modules_and_the_probe_catches_a_stale_o
     import ray
     from peft import get_peft_model
 
-    from character import lora
-    from character.config import LoraConfig
-    from character.models import load_causal_lm, load_tokenizer
-    from character.rollout import SyncError, SyncProbe
+    from character.models import lora
+    from character.core.config import LoraConfig
+    from character.models.loading import load_causal_lm, load_tokenizer
+    from character.inference.rollout import SyncError, SyncProbe
 
     actor = qwen_engine
     _push(actor, load_causal_lm(QWEN).state_dict(), 0)  # the previous test changed the engine: back to the base

@@ -2,12 +2,12 @@
 
 On the held-out messages (never trained on, nor any near-copy of them) and the adversarial ones
 synthesised for evaluation (pushing the model off its character), both from messages/ where `synthesize`
-split them (character/splits.py), both models answer with the same sampling settings and seeds; every response
+split them (character/data/splits.py), both models answer with the same sampling settings and seeds; every response
 gets the preference model's score, and each trained/base pair of the same sample is judged in both
 orders. The trained model is train-ppo's policy/ or, with policy.method dpo, train-dpo's dpo/; the score is
-then the DPO implicit reward, as no PM is trained (character/scoring.py evaluation_scorer). Output:
+then the DPO implicit reward, as no PM is trained (character/training/scoring.py evaluation_scorer). Output:
 eval/part-*.parquet (message x model x sample) and eval/summary.json per trait and split, with intervals
-clustered by message (character/evalstats.py).
+clustered by message (character/reporting/evalstats.py).
 """
 from __future__ import annotations
 
@@ -16,19 +16,23 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from character import schemas
-from character.config import Config
-from character.stage_checks import check_stage_config
-from character.prompts import character_system_prompt
-from character.runtime import (StageInputError, StageResult, Timer, consume_counts, init_ray, skip_or_reset,
-                               upstream_cause, write_resolved_config)
-from character.splits import evaluation_messages
-from character.store import StageOutput, require_complete, seed_from_id
-from character.review import active_constitution
-from character.traits import Constitution
-from character.tracking import tracked
+from character.core import schemas
+from character.core.config import Config
+from character.core.store import StageInputError, StageOutput, seed_from_id
+from character.core.traits import Constitution
+from character.data.prompts import character_system_prompt
+from character.data.splits import evaluation_messages
+from character.execution.registry import spec_of
+from character.execution.runtime import StageResult, batch_key, consume_counts, upstream_cause
+from character.execution.stage_run import run_stage
+from character.inference.engine import ChatGenerator, engine_sized_blocks, generation_pool_args, judge_pool_args
+from character.judging.judge import Comparison, build_judge, judge_name
+from character.judging.ranking import soft_label
+from character.reporting.evalstats import METHOD, clustered_delta, clustered_mean, win_rates
+from character.review.marks import active_constitution
+from character.training.scoring import evaluation_scorer
 
-STAGE = "eval"
+SPEC = spec_of(__name__)
 _WORD = re.compile(r"\w+")
 
 
@@ -39,8 +43,6 @@ def _with_chat(batch: pa.Table, seed: int) -> pa.Table:
 
 
 def _write_generations(batch: pa.Table, out: StageOutput, label: str) -> pa.Table:
-    from character.runtime import batch_key
-
     ok = batch.filter(pa.compute.is_null(batch.column("reject_reason")))
     table = ok.select(schemas.EVAL_GENERATIONS.names).cast(schemas.EVAL_GENERATIONS)
     if table.num_rows:
@@ -54,24 +56,17 @@ class EvalWorker:
     """Holds the preference model (scores) and the judge (win probabilities); writes eval parts."""
 
     def __init__(self, config_json: str, constitution_json: str):
-        from character.judge import build_judge, judge_name
-        from character.scoring import evaluation_scorer
-
         self.config = Config.model_validate_json(config_json)
         constitution = Constitution.model_validate_json(constitution_json)
         self.traits = {t.name: t.describe() for t in constitution.traits}
         self.systems = {t.name: character_system_prompt(t, constitution, "trait") for t in constitution.traits}
         judged = self.config.model_copy(update={"judge": self.config.evaluate.judge})
         self.judge, self.judge_name = build_judge(judged), judge_name(judged)
-        # The PM scores text with its own tokenizer (character/scoring.py), whatever its base model.
+        # The PM scores text with its own tokenizer (character/training/scoring.py), whatever its base model.
         self.pm = evaluation_scorer(self.config)
-        self.out = StageOutput(self.config.run.output_dir, STAGE)
+        self.out = StageOutput(self.config.run.output_dir, SPEC.output)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from character.judge import Comparison
-        from character.ranking import soft_label
-        from character.runtime import batch_key
-
         rows = batch.to_pylist()
         comps, flat = [], []
         for r in rows:
@@ -108,8 +103,6 @@ def paired_samples(rows: list[dict]) -> list[dict]:
 def summarise(rows: list[dict]) -> dict:
     """Per trait/split and overall per split: PM scores, paired score shift, win rates, lengths, each with
     an interval clustered by message (the samples of one message are not independent)."""
-    from character.evalstats import METHOD, clustered_delta, clustered_mean, win_rates
-
     def block(subset: list[dict]) -> dict:
         both = paired_samples(subset)
         ids = [p["base"]["message_id"] for p in both]
@@ -133,81 +126,88 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-@tracked("evaluate", "eval")
 def run(config: Config, force: bool = False) -> StageResult:
-    out = StageOutput(config.run.output_dir, STAGE)
     trained = StageOutput(config.run.output_dir, config.policy_stage).path()
+    out = StageOutput(config.run.output_dir, SPEC.output)
     evaluated = out.success_info().get("trained_model") if out.complete() and not force else None
     if evaluated not in (None, trained):
         # Another policy.method than the one evaluated: its eval/ describes another model.
         print(f"[evaluate] eval/ evaluated {evaluated}; the config trains {trained} "
               f"(policy.method {config.policy.method}): evaluating again", flush=True)
         force = True
-    if (skipped := skip_or_reset(out, force)) is not None:
-        return skipped
-    check_stage_config(config, "evaluate")
-    needs = ("messages", "pm", "policy") if config.policy.method == "ppo" else ("messages", config.policy_stage)
-    for needed in needs:
-        require_complete(StageOutput(config.run.output_dir, needed), "evaluate",
-                         schemas.MESSAGES if needed == "messages" else None)
+    return run_stage(config, SPEC, force, lambda out, result, inputs: _evaluate(config, out, result, *inputs),
+                     inputs=lambda out: _inputs(config))
+
+
+def _inputs(config: Config) -> tuple[list[dict], Constitution]:
     prompts = evaluation_messages(config)
     if not prompts:
         raise StageInputError(f"evaluate: 0 held-out or adversarial messages to evaluate on; "
                               f"{upstream_cause(StageOutput(config.run.output_dir, 'messages'))}")
-    constitution = active_constitution(config, "evaluate")
-    write_resolved_config(config)
-    init_ray(config.ray)
-    import ray.data
+    prompts = [{k: r[k] for k in ("message_id", "trait", "text", "split")} for r in prompts]
+    return prompts, active_constitution(config, "evaluate")
 
-    from character.engine import ChatGenerator, engine_sized_blocks, generation_pool_args, judge_pool_args
 
-    cfg = config.evaluate
-    result = StageResult(STAGE, out.uri)
-    with Timer() as timer:
-        prompts = [{k: r[k] for k in ("message_id", "trait", "text", "split")} for r in prompts]
-        models = {"base": config.model.name, "trained": trained}
-        for label, model in models.items():
-            done = out.ids("message_id", "_work", label)
-            todo = [p for p in prompts if p["message_id"] not in done]
-            if todo:
-                ds = (engine_sized_blocks(ray.data.from_items(todo).map_batches(
-                          _with_chat, fn_kwargs=dict(seed=config.run.seed), batch_format="pyarrow"), config.engine)
-                      .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
-                          model_name=model, dtype=config.model.dtype, engine=config.engine.model_dump(),
-                          sampling=cfg.sampling.model_copy(update={"n": cfg.samples}).model_dump(),
-                          seed=config.run.seed, then=_write_generations, then_kwargs=dict(out=out, label=label)),
-                          **generation_pool_args(config.engine)))
-                consume_counts(ds, f"evaluate: {label}", len(todo))
-        gens = {label: {r["message_id"]: r for r in out.read("_work", label, schema=schemas.EVAL_GENERATIONS).to_pylist()}
-                for label in models}
-        scored = out.ids("message_id")
-        joined = [{**b, "base_outputs": b["outputs"], "base_finish": b["finish_reasons"], "base_tokens": b["output_tokens"],
-                   "trained_outputs": gens["trained"][m]["outputs"], "trained_finish": gens["trained"][m]["finish_reasons"],
-                   "trained_tokens": gens["trained"][m]["output_tokens"]}
-                  for m, b in sorted(gens["base"].items()) if m in gens["trained"] and m not in scored]
-        if joined:
-            judged = config.model_copy(update={"judge": cfg.judge})
-            ds = ray.data.from_items([{k: v for k, v in j.items() if k not in ("outputs", "finish_reasons",
-                                                                               "output_tokens")} for j in joined])
-            ds = ds.map_batches(EvalWorker, fn_constructor_kwargs=dict(
-                config_json=config.model_dump_json(), constitution_json=constitution.model_dump_json()),
-                **judge_pool_args(judged))
-            consume_counts(ds, "evaluate: judge", len(joined))
+def _evaluate(config: Config, out: StageOutput, result: StageResult, prompts: list[dict],
+              constitution: Constitution) -> None:
+    models = {"base": config.model.name, "trained": StageOutput(config.run.output_dir, config.policy_stage).path()}
+    for label, model in models.items():
+        _generate(config, out, label, model, prompts)
+    _judge(config, out, constitution, models)
     rows = out.read(schema=schemas.EVAL).to_pylist()
-    from character.judge import judge_name
-
+    cfg = config.evaluate
     summary = {"base_model": config.model.name, "trained_model": models["trained"], "samples": cfg.samples,
                "score": "DPO implicit reward" if config.policy.method == "dpo" else "preference model",
                "judge": judge_name(config.model_copy(update={"judge": cfg.judge})), **summarise(rows)}
     out.write_json("summary.json", summary)
-    result.seconds, result.rows_in, result.rows_out = timer.seconds, len(prompts), len(rows)
-    result.extra = {"trained_model": trained, **{split: {k: v["mean"] if "mean" in v else v for k, v in s.items()
-                                                         if k in ("pm_delta", "win_rate", "length_change")}
-                                                 for split, s in summary["overall"].items()}}
-    out.mark_success(result.summary())
+    result.rows_in, result.rows_out = len(prompts), len(rows)
+    result.extra = {"trained_model": models["trained"],
+                    **{split: {k: v["mean"] if "mean" in v else v for k, v in s.items()
+                               if k in ("pm_delta", "win_rate", "length_change")}
+                       for split, s in summary["overall"].items()}}
     for split, s in summary["overall"].items():
         print(f"[evaluate] {split}: PM score {s['pm_base']['mean']:.3f} -> {s['pm_trained']['mean']:.3f} "
               f"(shift {s['pm_delta']['mean']:+.3f} [{s['pm_delta']['lo']:+.3f}, {s['pm_delta']['hi']:+.3f}]), "
               f"win rate {s['win_rate']['mean']:.3f} [{s['win_rate']['lo']:.3f}, {s['win_rate']['hi']:.3f}], "
               f"length {s['length_base']['mean']:.1f} -> {s['length_trained']['mean']:.1f} words", flush=True)
-    return result
+
+
+def _generate(config: Config, out: StageOutput, label: str, model: str, prompts: list[dict]) -> None:
+    """One model's samples for every prompt not yet answered, under eval/_work/<label>/."""
+    import ray.data
+
+    cfg = config.evaluate
+    done = out.ids("message_id", "_work", label)
+    todo = [p for p in prompts if p["message_id"] not in done]
+    if not todo:
+        return
+    ds = (engine_sized_blocks(ray.data.from_items(todo).map_batches(
+              _with_chat, fn_kwargs=dict(seed=config.run.seed), batch_format="pyarrow"), config.engine)
+          .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
+              model_name=model, dtype=config.model.dtype, engine=config.engine.model_dump(),
+              sampling=cfg.sampling.model_copy(update={"n": cfg.samples}).model_dump(),
+              seed=config.run.seed, then=_write_generations, then_kwargs=dict(out=out, label=label)),
+              **generation_pool_args(config.engine)))
+    consume_counts(ds, f"evaluate: {label}", len(todo))
+
+
+def _judge(config: Config, out: StageOutput, constitution: Constitution, models: dict) -> None:
+    """Every message both models answered and not yet scored: PM scores and both-order judgements."""
+    import ray.data
+
+    gens = {label: {r["message_id"]: r for r in out.read("_work", label, schema=schemas.EVAL_GENERATIONS).to_pylist()}
+            for label in models}
+    scored = out.ids("message_id")
+    joined = [{**b, "base_outputs": b["outputs"], "base_finish": b["finish_reasons"], "base_tokens": b["output_tokens"],
+               "trained_outputs": gens["trained"][m]["outputs"], "trained_finish": gens["trained"][m]["finish_reasons"],
+               "trained_tokens": gens["trained"][m]["output_tokens"]}
+              for m, b in sorted(gens["base"].items()) if m in gens["trained"] and m not in scored]
+    if not joined:
+        return
+    judged = config.model_copy(update={"judge": config.evaluate.judge})
+    ds = ray.data.from_items([{k: v for k, v in j.items() if k not in ("outputs", "finish_reasons", "output_tokens")}
+                              for j in joined])
+    ds = ds.map_batches(EvalWorker, fn_constructor_kwargs=dict(
+        config_json=config.model_dump_json(), constitution_json=constitution.model_dump_json()),
+        **judge_pool_args(judged))
+    consume_counts(ds, "evaluate: judge", len(joined))

@@ -13,22 +13,22 @@ from collections import Counter
 
 import pyarrow as pa
 
-from character import schemas
-from character.config import Config, RankConfig
-from character.stage_checks import check_stage_config
-from character.engine import engine_sized_blocks, judge_pool_args
-from character.judge import Comparison, build_judge, judge_name
-from character.prompts import character_system_prompt
-from character.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
-                               mean_win_scores, soft_label)
-from character.runtime import (StageInputError, StageResult, Timer, batch_key, consume_counts, format_counts, init_ray,
-                               skip_or_reset, upstream_cause, without_done, write_resolved_config)
-from character.store import StageOutput, require_complete, stable_id
-from character.review import ReviewMarks, active_constitution, load_marks
-from character.traits import Constitution
-from character.tracking import tracked
+from character.core import schemas
+from character.core.config import Config, RankConfig
+from character.core.store import StageInputError, StageOutput, stable_id
+from character.core.traits import Constitution
+from character.data.prompts import character_system_prompt
+from character.execution.registry import spec_of
+from character.execution.runtime import (StageResult, batch_key, consume_counts, format_counts, upstream_cause,
+                                         without_done)
+from character.execution.stage_run import run_stage
+from character.inference.engine import engine_sized_blocks, judge_pool_args
+from character.judging.judge import Comparison, build_judge, judge_name
+from character.judging.ranking import (bradley_terry_scores, choose_pairs, clamp, comparison_pairs, label_stats,
+                                       mean_win_scores, soft_label)
+from character.review.marks import ReviewMarks, active_constitution, load_marks
 
-STAGE = "preferences"
+SPEC = spec_of(__name__)
 WORK = "_work"
 
 
@@ -131,7 +131,7 @@ class RankWorker:
         self.judge = build_judge(self.config)
         self.judge_label = judge_name(self.config)
         self.marks = load_marks(self.config.run.output_dir)
-        self.out = StageOutput(self.config.run.output_dir, STAGE)
+        self.out = StageOutput(self.config.run.output_dir, SPEC.output)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -159,53 +159,51 @@ def compute_stats(out: StageOutput) -> dict:
                        pairs.column("p_chosen").to_pylist(), Counter(pairs.column("trait").to_pylist()), drops)
 
 
-@tracked("rank", "preferences")
 def run(config: Config, force: bool = False) -> StageResult:
-    out = StageOutput(config.run.output_dir, STAGE)
+    return run_stage(config, SPEC, force, lambda out, result, constitution: _rank(config, out, result, constitution),
+                     inputs=lambda out: _constitution(config), stats=True, made=_ranked)
+
+
+def _constitution(config: Config) -> Constitution:
     responses = StageOutput(config.run.output_dir, "responses")
-    if (skipped := skip_or_reset(out, force)) is not None:
-        return skipped
-    check_stage_config(config, "rank")
-    require_complete(responses, "rank", schemas.RESPONSES)
     if not responses.part_files():
         raise StageInputError(f"rank: 0 responses to rank; {upstream_cause(responses)}")
-    constitution = active_constitution(config, "rank")
-    write_resolved_config(config)
-    init_ray(config.ray)
+    return active_constitution(config, "rank")
+
+
+def _rank(config: Config, out: StageOutput, result: StageResult, constitution: Constitution) -> None:
     import ray.data
 
-    result = StageResult(STAGE, out.uri)
-    with Timer() as timer:
-        committed = out.part_keys(WORK)
-        for sub in ((), ("comparisons",), ("rejected",)):
-            out.prune_parts(committed, *sub)
-        done = sorted(out.ids("message_id", WORK))
-        total = responses.success_info().get("rows_out")
-        ds = (
-            engine_sized_blocks(
-                ray.data.read_parquet(responses.part_files(), schema=schemas.RESPONSES, filesystem=responses._fs()[0])
-                .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow"),
-                config.engine)
-            .map_batches(RankWorker, fn_constructor_kwargs=dict(config_json=config.model_dump_json(),
-                                                                constitution_json=constitution.model_dump_json()),
-                         **judge_pool_args(config))
-        )
-        consume_counts(ds, "rank", None if total is None else total - len(done))
+    responses = StageOutput(config.run.output_dir, "responses")
+    committed = out.part_keys(WORK)
+    for sub in ((), ("comparisons",), ("rejected",)):
+        out.prune_parts(committed, *sub)
+    done = sorted(out.ids("message_id", WORK))
+    total = responses.success_info().get("rows_out")
+    ds = (
+        engine_sized_blocks(
+            ray.data.read_parquet(responses.part_files(), schema=schemas.RESPONSES, filesystem=responses.filesystem)
+            .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow"),
+            config.engine)
+        .map_batches(RankWorker, fn_constructor_kwargs=dict(config_json=config.model_dump_json(),
+                                                            constitution_json=constitution.model_dump_json()),
+                     **judge_pool_args(config))
+    )
+    consume_counts(ds, "rank", None if total is None else total - len(done))
     stats = compute_stats(out)
-    result.seconds = timer.seconds
     result.rows_in = len(out.ids("message_id", WORK))
     result.rows_out = sum(stats["pairs_per_trait"].values())
     result.drops = Counter(stats["drops"])
     result.extra = {"judge": judge_name(config), **stats}
-    out.write_json("stats.json", result.summary())
     print(format_stats(stats), flush=True)
+
+
+def _ranked(out: StageOutput, result: StageResult, _) -> None:
     if not result.rows_out:
         drops = format_counts(result.drops, "no comparisons")
         raise StageInputError(f"rank: 0 preference pairs from {result.rows_in} answered messages ({drops}); see "
                               f"{out.path('rejected')}/ and rerun with --force after adjusting rank settings "
                               f"(e.g. rank.tie_margin) or respond.candidates")
-    out.mark_success(result.summary())
-    return result
 
 
 def format_stats(stats: dict) -> str:

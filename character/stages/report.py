@@ -1,6 +1,6 @@
 """Stage `report`: one self-contained HTML page (report/index.html) that a researcher opens after a run.
 
-Figures (character/figures.py, matplotlib) are embedded as base64 PNGs; there is no external CSS or JS.
+Figures (character/reporting/figures.py, matplotlib) are embedded as base64 PNGs; there is no external CSS or JS.
 Sections: PM (or DPO implicit reward) score shift, win rate and response length per trait (held-out and adversarial), PPO curves
 and time per phase, PM calibration, label quality of the self-ranking, the data funnel with the synthesis
 keep rate and examples of kept and dropped messages, sample transcripts and a table of eval/summary.json. The eval stage is required; every
@@ -12,15 +12,17 @@ from __future__ import annotations
 import html
 import time
 
-from character.config import Config
-from character.figures import (dig, fmt, funnel_figure, paired_bars_figure, pm_calibration_figure, png_data_uri,
-                               ppo_curves_figure, ppo_time_figure, ranking_figure, win_rate_figure)
-from character.run_files import read_json, read_ppo_metrics, read_text
-from character.runtime import StageResult, Timer, skip_or_reset
-from character.store import StageOutput, require_complete
-from character.tracking import tracked
+from character.core.config import Config
+from character.core.store import StageOutput
+from character.execution.registry import spec_of
+from character.execution.runtime import StageResult
+from character.execution.stage_run import run_stage
+from character.reporting.figures import (dig, fmt, funnel_figure, paired_bars_figure, pm_calibration_figure,
+                                         png_data_uri, ppo_curves_figure, ppo_time_figure, ranking_figure,
+                                         win_rate_figure)
+from character.reporting.run_files import read_json, read_ppo_metrics, read_text
 
-STAGE = "report"
+SPEC = spec_of(__name__)
 TABLE_FIELDS = ("pm_base.mean", "pm_trained.mean", "pm_delta.mean", "pm_delta.lo", "pm_delta.hi",
                 "win_rate.mean", "win_rate.lo", "win_rate.hi", "length_base.mean", "length_trained.mean",
                 "length_change.mean")
@@ -184,37 +186,31 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
     return page, figures
 
 
-@tracked("report", "report")
 def run(config: Config, force: bool = False, n: int = 2) -> StageResult:
+    return run_stage(config, SPEC, force, lambda out, result, _: _report(config, out, result, n))
+
+
+def _report(config: Config, out: StageOutput, result: StageResult, n: int) -> None:
     import pyarrow.compute as pc
 
     output_dir = config.run.output_dir
-    out = StageOutput(output_dir, STAGE)
-    if (skipped := skip_or_reset(out, force)) is not None:
-        return skipped
     evaluation = StageOutput(output_dir, "eval")
-    require_complete(evaluation, STAGE)
-    result = StageResult(STAGE, out.uri)
-    with Timer() as timer:
-        table = evaluation.read()
-        result.rows_in = table.num_rows
-        if "sample" in table.column_names:
-            table = table.filter(pc.equal(table.column("sample"), 0))
-        inputs = {
-            "summary": evaluation.read_json("summary.json"),
-            "eval_rows": table.to_pylist(),
-            "ppo": read_ppo_metrics(read_text(output_dir, "policy", "metrics.jsonl")),
-            "pm": read_json(output_dir, "pm", "metrics.json"),
-            "dpo": read_json(output_dir, "dpo", "metrics.json"),
-            "preferences": read_json(output_dir, "preferences", "stats.json"),
-            "messages": read_json(output_dir, "messages", "stats.json"),
-            "responses": read_json(output_dir, "responses", "stats.json"),
-        }
-        page, result.rows_out = build_html(inputs, n)
-        out.write_text("index.html", page)
-        path = out.path("index.html")
-    result.seconds = timer.seconds
+    table = evaluation.read()
+    result.rows_in = table.num_rows
+    if "sample" in table.column_names:
+        table = table.filter(pc.equal(table.column("sample"), 0))
+    inputs = {
+        "summary": evaluation.read_json("summary.json"),
+        "eval_rows": table.to_pylist(),
+        "ppo": read_ppo_metrics(read_text(output_dir, "policy", "metrics.jsonl")),
+        "pm": read_json(output_dir, "pm", "metrics.json"),
+        "dpo": read_json(output_dir, "dpo", "metrics.json"),
+        "preferences": read_json(output_dir, "preferences", "stats.json"),
+        "messages": read_json(output_dir, "messages", "stats.json"),
+        "responses": read_json(output_dir, "responses", "stats.json"),
+    }
+    page, result.rows_out = build_html(inputs, n)
+    out.write_text("index.html", page)
+    path = out.path("index.html")
     result.extra = {"figures": result.rows_out, "report": path}
-    out.mark_success(result.summary())
     print(f"[report] {result.rows_out} figures -> {path}", flush=True)
-    return result

@@ -6,21 +6,20 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from character import schemas
-from character.config import Config
-from character.stage_checks import check_stage_config
-from character.engine import ChatGenerator, generation_pool_args, engine_sized_blocks
-from character.prompts import character_system_prompt
-from character.runtime import (StageInputError, StageResult, Timer, committed_counts, consume_counts, format_counts,
-                               init_ray, keep_split, skip_or_reset, upstream_cause, without_done, write_resolved_config,
-                               write_split)
-from character.splits import TRAIN
-from character.store import StageOutput, require_complete, seed_from_id
-from character.review import active_constitution, keep_active_traits, load_marks
-from character.traits import Constitution
-from character.tracking import tracked
+from character.core import schemas
+from character.core.config import Config
+from character.core.store import StageInputError, StageOutput, seed_from_id
+from character.core.traits import Constitution
+from character.data.prompts import character_system_prompt
+from character.data.splits import TRAIN
+from character.execution.registry import spec_of
+from character.execution.runtime import (StageResult, committed_counts, consume_counts, format_counts, keep_split,
+                                         upstream_cause, without_done, write_split)
+from character.execution.stage_run import run_stage
+from character.inference.engine import ChatGenerator, engine_sized_blocks, generation_pool_args
+from character.review.marks import active_constitution, keep_active_traits, load_marks
 
-STAGE = "responses"
+SPEC = spec_of(__name__)
 
 
 def add_prompts(batch: pa.Table, *, constitution_json: str, mode: str, seed: int) -> pa.Table:
@@ -57,14 +56,16 @@ def write_responses(batch: pa.Table, out: StageOutput, *, mode: str, sampling: d
     return write_split(batch, out, "message_id", kept, rejected)
 
 
-@tracked("respond", "responses")
 def run(config: Config, force: bool = False) -> StageResult:
-    out = StageOutput(config.run.output_dir, STAGE)
+    return run_stage(config, SPEC, force, lambda out, result, inputs: _answer(config, out, result, inputs),
+                     inputs=lambda out: _training_messages(config),
+                     stats=True, made=_answered)
+
+
+def _training_messages(config: Config) -> tuple:
+    """The active constitution, the traits marked drop and the count of training messages to answer
+    (an error naming what synthesize kept if there are none)."""
     messages = StageOutput(config.run.output_dir, "messages")
-    if (skipped := skip_or_reset(out, force)) is not None:
-        return skipped
-    check_stage_config(config, "respond")
-    require_complete(messages, "respond", schemas.MESSAGES)
     marks = load_marks(config.run.output_dir)
     constitution = active_constitution(config, "respond", marks=marks)
     dropped = sorted(marks.dropped)
@@ -75,42 +76,42 @@ def run(config: Config, force: bool = False) -> StageResult:
         raise StageInputError(f"respond: 0 messages to answer; {upstream_cause(messages)}, none of them in the "
                               f"'{TRAIN}' split ({len(splits)} held out or adversarial"
                               f"{', the rest of traits marked drop' if dropped else ''})")
-    write_resolved_config(config)
-    init_ray(config.ray)
+    return constitution, dropped, total
+
+
+def _answer(config: Config, out: StageOutput, result: StageResult, inputs: tuple) -> None:
     import ray.data
 
+    constitution, dropped, total = inputs
+    messages = StageOutput(config.run.output_dir, "messages")
     cfg = config.respond
     sampling = cfg.sampling.model_copy(update={"n": cfg.candidates}).model_dump()
-    result = StageResult(STAGE, out.uri)
-    with Timer() as timer:
-        done = sorted(out.ids("message_id") | out.ids("row_id", "rejected"))
-        ds = (
-            engine_sized_blocks(
-                ray.data.read_parquet(messages.part_files(), schema=schemas.MESSAGES, filesystem=messages._fs()[0])
-                .map_batches(keep_split, fn_kwargs=dict(split=TRAIN), batch_format="pyarrow")
-                .map_batches(keep_active_traits, fn_kwargs=dict(dropped=dropped), batch_format="pyarrow")
-                .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
-                .map_batches(add_prompts, fn_kwargs=dict(constitution_json=constitution.model_dump_json(),
-                                                         mode=cfg.system_prompt, seed=config.run.seed),
-                             batch_format="pyarrow"),
-                config.engine)
-            .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
-                model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
-                sampling=sampling, seed=config.run.seed,
-                then=write_responses, then_kwargs=dict(out=out, mode=cfg.system_prompt, sampling=sampling),
-                logprobs=True),
-                **generation_pool_args(config.engine))
-        )
-        result.rows_in, result.rows_out, result.drops, tokens = consume_counts(
-            ds, "respond", max(total - len(done), 0))
-    result.seconds = timer.seconds
+    done = sorted(out.ids("message_id") | out.ids("row_id", "rejected"))
+    ds = (
+        engine_sized_blocks(
+            ray.data.read_parquet(messages.part_files(), schema=schemas.MESSAGES, filesystem=messages.filesystem)
+            .map_batches(keep_split, fn_kwargs=dict(split=TRAIN), batch_format="pyarrow")
+            .map_batches(keep_active_traits, fn_kwargs=dict(dropped=dropped), batch_format="pyarrow")
+            .map_batches(without_done, fn_kwargs=dict(column="message_id", done=done), batch_format="pyarrow")
+            .map_batches(add_prompts, fn_kwargs=dict(constitution_json=constitution.model_dump_json(),
+                                                     mode=cfg.system_prompt, seed=config.run.seed),
+                         batch_format="pyarrow"),
+            config.engine)
+        .map_batches(ChatGenerator, fn_constructor_kwargs=dict(
+            model_name=config.model.name, dtype=config.model.dtype, engine=config.engine.model_dump(),
+            sampling=sampling, seed=config.run.seed,
+            then=write_responses, then_kwargs=dict(out=out, mode=cfg.system_prompt, sampling=sampling),
+            logprobs=True),
+            **generation_pool_args(config.engine))
+    )
+    result.rows_in, _, _, tokens = consume_counts(ds, "respond", max(total - len(done), 0))
     result.rows_in += len(done)
     result.rows_out, result.drops = committed_counts(out, "message_id")
     result.extra = {"candidates_per_message": cfg.candidates, "new_tokens_this_run": tokens}
-    out.write_json("stats.json", result.summary())
+
+
+def _answered(out: StageOutput, result: StageResult, inputs: tuple) -> None:
     if not result.rows_out:
-        drops = format_counts(result.drops)
-        raise StageInputError(f"respond: 0 of {total} training messages answered, every one set aside ({drops}); "
-                              f"see {out.path('rejected')}/ and rerun with --force after adjusting engine.max_model_len or respond settings")
-    out.mark_success(result.summary())
-    return result
+        raise StageInputError(f"respond: 0 of {inputs[-1]} training messages answered, every "
+                              f"one set aside ({format_counts(result.drops)}); see {out.path('rejected')}/ and rerun "
+                              f"with --force after adjusting engine.max_model_len or respond settings")

@@ -3,7 +3,7 @@ model and no RL (Open Character Training's recipe): `policy.method: dpo` makes `
 rank -> train-dpo -> evaluate.
 
 Ray Train workers each run a DeepSpeed ZeRO engine over the policy (full weights or train.lora) and step
-through the pairs with the loop train-pm uses (character/pair_trainer.py: data position, accumulation,
+through the pairs with the loop train-pm uses (character/training/pairs.py: data position, accumulation,
 non-finite guard, checkpoints and resume). The loss is losses.dpo_loss on the pair's soft label (the
 Bradley-Terry target; conservative DPO's label smoothing with epsilon = 1 - p), plus `dpo.nll_coef` times
 the chosen response's per-token NLL. The reference log-probs are those of the policy before its first update
@@ -14,19 +14,27 @@ held-out preference accuracy and implicit-reward margins.
 """
 from __future__ import annotations
 
-from character.config import Config
-from character.runtime import StageResult
-from character.store import StageOutput
-from character.tracking import tracked
+from character.core.config import Config
+from character.core.store import StageOutput
+from character.execution.pair_stage import run_pair_stage
+from character.execution.registry import spec_of
+from character.execution.runtime import StageResult
+from character.models import lora
+from character.models.loading import load_tokenizer, resolve_model
+from character.models.lora import adapter_disabled
+from character.training.deepspeed_setup import (adamw, build_under_zero, deepspeed_config, frozen_engine,
+                                                full_state_dict, plain_model_construction, setup_distributed)
+from character.training.losses import chosen_nll, dpo_loss
+from character.training.pairs import PairTraining, gather_pair_scores, load_pairs, pair_metrics
+from character.training.scoring import response_logprobs
+from character.training.stepping import eval_mode
 
-STAGE = "dpo"
+SPEC = spec_of(__name__)
 
 
 def _logprobs(engine, tokenizer, rows: list[dict], max_length: int):
     """Summed log-probs of chosen and rejected (one forward over both, as TRL's concatenated forward) and the
     chosen responses' token counts."""
-    from character.scoring import response_logprobs
-
     n = len(rows)
     total, tokens = response_logprobs(engine, tokenizer, [r["prompt"] for r in rows] * 2,
                                       [r["chosen"] for r in rows] + [r["rejected"] for r in rows], max_length)
@@ -44,9 +52,6 @@ class _Reference:
     def score(self, rows: list[dict]):
         import torch
 
-        from character.lora import adapter_disabled
-        from character.train_common import eval_mode
-
         if self.table is not None:
             return (torch.tensor([self.table[r["pair_id"]][0] for r in rows]),
                     torch.tensor([self.table[r["pair_id"]][1] for r in rows]))
@@ -63,9 +68,6 @@ def reference_table(engine, tokenizer, rows: list[dict], cfg, rank: int, world: 
     mode, shared by all ranks."""
     import torch
 
-    from character.pair_trainer import gather_pair_scores
-    from character.train_common import eval_mode
-
     def score(chunk):
         chosen, rejected, _ = _logprobs(engine, tokenizer, chunk, cfg.max_length)
         return chosen.tolist(), rejected.tolist()
@@ -79,14 +81,6 @@ def train_loop(loop_config: dict) -> None:
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
-
-    from character import lora
-    from character.losses import chosen_nll, dpo_loss
-    from character.models import load_tokenizer, resolve_model
-    from character.pair_trainer import PairTraining, gather_pair_scores, load_pairs, pair_metrics
-    from character.train_common import eval_mode
-    from character.train_common import (adamw, build_under_zero, deepspeed_config, frozen_engine, full_state_dict,
-                                        plain_model_construction, setup_distributed)
 
     config = Config.model_validate(loop_config["config"])
     cfg = config.dpo
@@ -102,7 +96,7 @@ def train_loop(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=adamw(
         lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay))
     engine.train()
-    training = PairTraining(config, cfg, {"policy": engine}, train, STAGE, loop_config.get("tracking"))
+    training = PairTraining(config, cfg, {"policy": engine}, train, SPEC.output, loop_config.get("tracking"))
     table = None
     if cfg.precompute_reference:
         table = training.state.get("reference") or reference_table(engine, tokenizer, train + held, cfg,
@@ -137,17 +131,14 @@ def train_loop(loop_config: dict) -> None:
     plain_model_construction()
     if training.rank == 0:
         lora.export("policy", config.train.lora, AutoModelForCausalLM, model.config, weights, tokenizer,
-                    StageOutput(config.run.output_dir, STAGE).uri, config.model.name, config.export.merged,
+                    StageOutput(config.run.output_dir, SPEC.output).uri, config.model.name, config.export.merged,
                     files={"metrics.json": {**summary, "eval_pairs_total": len(held), "beta": cfg.beta,
                                             "reference": "precomputed" if table is not None else "online",
                                             **lora.parameter_counts(model)}})
 
 
-@tracked("train-dpo", "dpo")
 def run(config: Config, force: bool = False) -> StageResult:
-    from character.pair_trainer import run_stage
-
-    result, metrics = run_stage(config, "train-dpo", "dpo", STAGE, train_loop, force)
+    result, metrics = run_pair_stage(config, SPEC, "dpo", train_loop, force)
     if metrics is not None:
         print(f"[train-dpo] held-out preference accuracy {metrics['eval_accuracy']:.3f} (implicit rewards), loss "
               f"{metrics['eval_loss']:.4f}, mean margin {metrics['eval_mean_margin']:.3f} over "

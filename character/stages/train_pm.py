@@ -1,25 +1,32 @@
 """Stage `train-pm`: a preference model (sequence classifier, one logit) trained on the soft-labelled
 pairs with a Bradley-Terry loss, by Ray Train workers each running a DeepSpeed ZeRO engine.
 
-The step loop, the pairs and the held-out metrics are shared with train-dpo (character/pair_trainer.py).
+The step loop, the pairs and the held-out metrics are shared with train-dpo (character/training/pairs.py).
 Checkpoints (DeepSpeed's own: weights, optimizer, step, guard counters, RNG) go through
 `ray.train.report`; `FailureConfig` restarts lost workers from the latest one, and rerunning the stage
 with the same run directory resumes from it. The data position is the examples consumed (see pm_data).
 """
 from __future__ import annotations
 
-from character import schemas
-from character.config import Config
-from character.runtime import StageResult
-from character.store import StageOutput
-from character.tracking import tracked
+from character.core import schemas
+from character.core.config import Config
+from character.core.store import StageOutput
+from character.execution.pair_stage import run_pair_stage
+from character.execution.registry import spec_of
+from character.execution.runtime import StageResult
+from character.models import lora
+from character.models.loading import load_tokenizer, resolve_model
+from character.training.deepspeed_setup import (adamw, build_under_zero, deepspeed_config, full_state_dict,
+                                                plain_model_construction, setup_distributed)
+from character.training.losses import bradley_terry_loss
+from character.training.pairs import PairTraining, gather_pair_scores, load_pairs, pair_metrics
+from character.training.scoring import pm_rewards
+from character.training.stepping import eval_mode
 
-STAGE = "pm"
+SPEC = spec_of(__name__)
 
 
 def _rewards(engine, tokenizer, rows, side: str, max_length: int):
-    from character.scoring import pm_rewards
-
     return pm_rewards(engine, tokenizer, [r["prompt"] for r in rows], [r[side] for r in rows], max_length)
 
 
@@ -27,9 +34,6 @@ def _pair_rewards(engine, tokenizer, rows, cfg, rank, world) -> tuple[list, list
     """The PM's rewards of each pair's chosen and rejected response, scored on every rank's shard (a
     collective: every rank calls it), in the order of `rows`."""
     import torch
-
-    from character.pair_trainer import gather_pair_scores
-    from character.train_common import eval_mode
 
     def score(batch):
         return (_rewards(engine, tokenizer, batch, "chosen", cfg.max_length).tolist(),
@@ -40,8 +44,6 @@ def _pair_rewards(engine, tokenizer, rows, cfg, rank, world) -> tuple[list, list
 
 
 def _evaluate(engine, tokenizer, held, cfg, rank, world) -> dict:
-    from character.pair_trainer import pair_metrics
-
     chosen, rejected = _pair_rewards(engine, tokenizer, held, cfg, rank, world)
     return pair_metrics(chosen, rejected, [r["p_chosen"] for r in held], [r["trait"] for r in held], cfg.margin,
                         cfg.calibration_bins)
@@ -63,13 +65,6 @@ def train_loop(loop_config: dict) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from character import lora
-    from character.losses import bradley_terry_loss
-    from character.models import load_tokenizer, resolve_model
-    from character.pair_trainer import PairTraining, load_pairs
-    from character.train_common import (adamw, build_under_zero, deepspeed_config, full_state_dict,
-                                        plain_model_construction, setup_distributed)
-
     config = Config.model_validate(loop_config["config"])
     cfg, seed = config.pm, config.run.seed
     setup_distributed(config.train.use_gpu)
@@ -85,7 +80,7 @@ def train_loop(loop_config: dict) -> None:
     optimizer = adamw(lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     engine.train()  # from_pretrained returns eval mode: LoRA dropout would apply only after the first evaluation
-    training = PairTraining(config, cfg, {"pm": engine}, train, STAGE, loop_config.get("tracking"))
+    training = PairTraining(config, cfg, {"pm": engine}, train, SPEC.output, loop_config.get("tracking"))
 
     def micro_loss(rows: list[dict]):
         rc = _rewards(engine, tokenizer, rows, "chosen", cfg.max_length)
@@ -101,7 +96,7 @@ def train_loop(loop_config: dict) -> None:
         _export(config, model, weights, tokenizer, {**summary, "eval_pairs_total": len(held),
                                                     **lora.parameter_counts(model)})
         if scores is not None:
-            StageOutput(config.run.output_dir, STAGE).write_table("pair_scores.parquet",
+            StageOutput(config.run.output_dir, SPEC.output).write_table("pair_scores.parquet",
                                                                   pair_scores_table(train, held, *scores))
 
 
@@ -111,18 +106,13 @@ def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> N
     score with it."""
     from transformers import AutoModelForSequenceClassification
 
-    from character import lora
-
     lora.export("pm", config.train.lora, AutoModelForSequenceClassification, model.config, weights, tokenizer,
-                StageOutput(config.run.output_dir, STAGE).uri, config.pm.base_model or config.model.name,
+                StageOutput(config.run.output_dir, SPEC.output).uri, config.pm.base_model or config.model.name,
                 merged=True, files={"metrics.json": metrics})
 
 
-@tracked("train-pm", "pm")
 def run(config: Config, force: bool = False) -> StageResult:
-    from character.pair_trainer import run_stage
-
-    result, metrics = run_stage(config, "train-pm", "pm", STAGE, train_loop, force)
+    result, metrics = run_pair_stage(config, SPEC, "pm", train_loop, force)
     if metrics is not None:
         print(f"[train-pm] held-out accuracy {metrics['eval_accuracy']:.3f}, loss {metrics['eval_loss']:.4f}, "
               f"mean margin {metrics['eval_mean_margin']:.3f} over {metrics['eval_pairs']} pairs; "

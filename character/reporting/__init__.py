@@ -1,0 +1,1 @@
+"""What a run did, for people: evaluation intervals, figures, the comparison of runs, a run's metric files."""

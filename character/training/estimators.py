@@ -1,0 +1,179 @@
+"""Advantage estimators and policy losses, registered by name (verl's `core_algos` pattern: `register_adv_est`,
+`register_policy_loss`): `ppo.advantage` and `ppo.policy_loss` pick one each; the config checks, the critic
+decision (`uses_critic`) and train-ppo's dispatch all read the registries. A new estimator or loss is one
+decorated function (plus its unit test against hand values).
+
+Every estimator has one signature: `fn(x: AdvantageInputs) -> (advantages [B, L-1], returns [B, L-1] or None)`,
+returns being the critic's targets (None for a critic-free estimator).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from character.training.losses import clipped_policy_loss, gae, whiten
+
+
+@dataclass
+class AdvantageInputs:
+    """One rollout batch as the estimators see it; rows of one prompt are consecutive."""
+
+    scores: torch.Tensor  # [B] one score per sequence (padding rows 0)
+    kl: torch.Tensor  # [B, L-1] per-token KL to the reference (masked)
+    mask: torch.Tensor  # [B, L-1] 1 on response tokens
+    kl_coef: float = 0.0  # the KL weight in the reward (0 when the KL is a loss term instead)
+    rewards: torch.Tensor | None = None  # [B, L-1] -kl_coef * KL plus the score on each response's last token
+    values: torch.Tensor | None = None  # [B, L-1] the critic's, for estimators that need one
+    samples_per_prompt: int = 1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    scale_by_std: bool = True  # grpo: divide by the group's std (False: Dr. GRPO)
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    name: str
+    fn: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]
+    needs_critic: bool
+    min_samples_per_prompt: int
+    summary: str
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage(name: str, *, needs_critic: bool = False, min_samples_per_prompt: int = 1):
+    """Registers `fn` as `ppo.advantage: <name>`; its docstring's first line is its summary in the docs."""
+    def register(fn):
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is registered twice")
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, min_samples_per_prompt, summary)
+        return fn
+    return register
+
+
+def estimator(name: str) -> AdvantageEstimator:
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r} (registered: {', '.join(ADVANTAGE_ESTIMATORS)})")
+    return ADVANTAGE_ESTIMATORS[name]
+
+
+def uses_critic(ppo) -> bool:
+    """Whether `ppo.advantage` needs a critic (train-ppo then trains one beside the policy)."""
+    return estimator(ppo.advantage).needs_critic
+
+
+def estimator_problem(ppo) -> str | None:
+    """Why the PPO settings cannot run their estimator and loss (None: they can): an unknown name, too few
+    samples per prompt."""
+    if ppo.policy_loss not in POLICY_LOSSES:
+        return f"field 'ppo.policy_loss': unknown policy loss '{ppo.policy_loss}' (registered: {', '.join(POLICY_LOSSES)})"
+    if ppo.advantage not in ADVANTAGE_ESTIMATORS:
+        return f"field 'ppo.advantage': unknown estimator '{ppo.advantage}' (registered: {', '.join(ADVANTAGE_ESTIMATORS)})"
+    need = ADVANTAGE_ESTIMATORS[ppo.advantage].min_samples_per_prompt
+    if ppo.samples_per_prompt < need:
+        return (f"field 'ppo.advantage': '{ppo.advantage}' needs ppo.samples_per_prompt >= {need} (the other samples "
+                f"of a prompt are each sample's baseline), got {ppo.samples_per_prompt}")
+    return None
+
+
+@register_advantage("gae", needs_critic=True)
+def gae_advantages(x: AdvantageInputs):
+    """PPO with a critic: GAE over the per-token rewards, whitened advantages, returns as the critic's targets."""
+    # GAE runs over response positions only; masked positions contribute nothing and the recursion stops at the
+    # mask's end, so the response need not be shifted to column 0.
+    adv, returns = gae(x.rewards, x.values * x.mask, x.mask, x.gamma, x.lam)
+    return (whiten(adv, x.mask) if x.whiten else adv), returns
+
+
+def _group_returns(x: AdvantageInputs) -> torch.Tensor:
+    """[G, K]: each sequence's return (score - kl_coef * its summed KL) in its prompt's group of K."""
+    k = x.samples_per_prompt
+    if k < 2:
+        raise ValueError(f"group advantages need >= 2 samples per prompt, got {k}")
+    return (x.scores - x.kl_coef * (x.kl * x.mask).sum(-1)).view(-1, k)
+
+
+def _on_tokens(group_advantages: torch.Tensor, x: AdvantageInputs) -> torch.Tensor:
+    """A sequence's advantage on every one of its response tokens."""
+    return group_advantages.reshape(-1)[:, None] * x.mask
+
+
+@register_advantage("grpo", min_samples_per_prompt=2)
+def grpo_advantages(x: AdvantageInputs):
+    """GRPO, critic-free: (r - group mean) / (group std + eps); Dr. GRPO without the std (ppo.group_std false)."""
+    returns = _group_returns(x)
+    centered = returns - returns.mean(-1, keepdim=True)
+    # std with Bessel's correction, as TRL and verl compute it
+    return _on_tokens(centered / (returns.std(-1, keepdim=True) + x.eps) if x.scale_by_std else centered, x), None
+
+
+@register_advantage("rloo", min_samples_per_prompt=2)
+def rloo_advantages(x: AdvantageInputs):
+    """RLOO, critic-free: r minus the mean of the other K - 1 samples of its prompt = K / (K - 1) (r - mean)."""
+    returns = _group_returns(x)
+    k = returns.shape[-1]
+    return _on_tokens((returns - returns.mean(-1, keepdim=True)) * (k / (k - 1)), x), None
+
+
+def group_token_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, samples_per_prompt: int,
+                           method: str, scale_by_std: bool, kl_coef: float) -> torch.Tensor:
+    """Critic-free advantages [B, L-1] of the estimator `method` for rows that come in groups of
+    `samples_per_prompt` consecutive samples of one prompt: each sequence's KL-shaped return against its group,
+    the same on every response token. A group whose samples all score the same gets 0: it carries no signal."""
+    x = AdvantageInputs(scores, kl, mask, kl_coef, samples_per_prompt=samples_per_prompt, scale_by_std=scale_by_std)
+    return _critic_free(method).fn(x)[0]
+
+
+def group_advantages(scores: torch.Tensor, method: str, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """The critic-free estimator `method` on group scores [G, K] -> [G, K] (one token per sample, no KL)."""
+    g, k = scores.shape
+    ones = torch.ones(g * k, 1, dtype=scores.dtype)
+    x = AdvantageInputs(scores.reshape(-1), torch.zeros_like(ones), ones, samples_per_prompt=k,
+                        scale_by_std=scale_by_std, eps=eps)
+    return _critic_free(method).fn(x)[0].view(g, k)
+
+
+def _critic_free(method: str) -> AdvantageEstimator:
+    found = estimator(method)
+    if found.needs_critic:
+        raise ValueError(f"advantage estimator {method!r} needs a critic, not a group of samples")
+    return found
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    name: str
+    fn: Callable  # (logp, old_logp, advantages, mask, ppo settings) -> (loss, clip fraction)
+    summary: str
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str):
+    """Registers `fn` as `ppo.policy_loss: <name>`, with the one signature
+    `fn(logp [B, L-1], old_logp, advantages, mask, ppo settings) -> (scalar loss, fraction of tokens clipped)`."""
+    def register(fn):
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is registered twice")
+        POLICY_LOSSES[name] = PolicyLoss(name, fn, (fn.__doc__ or name).strip().splitlines()[0])
+        return fn
+    return register
+
+
+def policy_loss(name: str) -> PolicyLoss:
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r} (registered: {', '.join(POLICY_LOSSES)})")
+    return POLICY_LOSSES[name]
+
+
+@register_policy_loss("clip")
+def clipped_surrogate(logp, old_logp, advantages, mask, ppo):
+    """PPO's clipped surrogate (ratio clipped to 1 +- ppo.clip), the mean over response tokens."""
+    return clipped_policy_loss(logp, old_logp, advantages, mask, ppo.clip)

@@ -1,0 +1,108 @@
+"""Training losses (pure torch, unit-tested against hand-computed values)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p_chosen: torch.Tensor,
+                       margin: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry loss with soft labels, mean over pairs:
+    -(p * log sigma(r_c - r_r - m) + (1 - p) * log sigma(r_r - r_c - m)).
+    p = 1 gives the usual -log sigma(r_c - r_r); the margin m asks each side to win by at least m."""
+    delta = r_chosen - r_rejected
+    return -(p_chosen * F.logsigmoid(delta - margin) + (1.0 - p_chosen) * F.logsigmoid(-delta - margin)).mean()
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, p_chosen: torch.Tensor, beta: float):
+    """DPO (Rafailov et al.) on summed response log-probs [N]: the Bradley-Terry loss above on the implicit
+    rewards beta * (log pi - log ref). With soft labels p it is conservative DPO's label smoothing, eps = 1 - p:
+    -[(1 - eps) log sigma(h) + eps log sigma(-h)]. Returns (loss, chosen rewards, rejected rewards)."""
+    reward_chosen = beta * (policy_chosen - ref_chosen)
+    reward_rejected = beta * (policy_rejected - ref_rejected)
+    return bradley_terry_loss(reward_chosen, reward_rejected, p_chosen), reward_chosen, reward_rejected
+
+
+def chosen_nll(logp_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """DPO's NLL term (RPO, Open Character Training's nll_loss_coef): each chosen response's mean per-token
+    negative log-likelihood, averaged over pairs (so long answers do not outweigh short ones)."""
+    return (-logp_sum / n_tokens.clamp(min=1)).mean()
+
+
+def zero_variance_groups(scores: torch.Tensor) -> torch.Tensor:
+    """Per group [G]: True where every sample scored the same (its advantages are all 0)."""
+    return scores.amax(-1) == scores.amin(-1)
+
+
+def kl_per_token(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimates from sampled tokens (Schulman's k1 / k3).
+    k1 = log p - log q (unbiased, can be negative); k3 = (r - 1) - log r with r = q / p (unbiased, >= 0)."""
+    log_ratio = logp_ref - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over right-padded sequences [batch, T] (mask 1 on real tokens).
+    The value after the last real token is 0 (the episode ends). Returns (advantages, returns)."""
+    batch, length = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(batch, dtype=rewards.dtype)
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < length else torch.zeros(batch, dtype=values.dtype)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < length else 0.0)
+        advantages[:, t] = last * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip: float):
+    """PPO's clipped surrogate; returns (loss, clip fraction)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clip_frac
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """0.5 * max((V - R)^2, (V_old + clip(V - V_old) - R)^2), masked mean."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    resid = returns - values
+    var_e = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
+    return float(1.0 - var_e / var_r) if var_r > 0 else float("nan")
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s proportional controller: moves beta so the measured KL tracks a target."""
+
+    def __init__(self, beta: float, target: float | None, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
