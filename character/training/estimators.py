@@ -43,24 +43,43 @@ class AdvantageEstimator:
     summary: str
 
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+class Registry(dict):
+    """name -> entry, filled by the decorators below: a name registered twice, or looked up but unknown, is an
+    error naming what is registered."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def add(self, name: str, entry) -> None:
+        if name in self:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self[name] = entry
+
+    def find(self, name: str):
+        if name not in self:
+            raise ValueError(f"unknown {self.kind} {name!r} (registered: {', '.join(self)})")
+        return self[name]
+
+
+def _summary(fn) -> str:
+    """A registered function's docstring's first line: its summary in the docs."""
+    return (fn.__doc__ or fn.__name__).strip().splitlines()[0]
+
+
+ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 
 
 def register_advantage(name: str, *, needs_critic: bool = False, min_samples_per_prompt: int = 1):
-    """Registers `fn` as `ppo.advantage: <name>`; its docstring's first line is its summary in the docs."""
+    """Registers `fn` as `ppo.advantage: <name>`."""
     def register(fn):
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is registered twice")
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, min_samples_per_prompt, summary)
+        ADVANTAGE_ESTIMATORS.add(name, AdvantageEstimator(name, fn, needs_critic, min_samples_per_prompt, _summary(fn)))
         return fn
     return register
 
 
 def estimator(name: str) -> AdvantageEstimator:
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r} (registered: {', '.join(ADVANTAGE_ESTIMATORS)})")
-    return ADVANTAGE_ESTIMATORS[name]
+    return ADVANTAGE_ESTIMATORS.find(name)
 
 
 def uses_critic(ppo) -> bool:
@@ -71,10 +90,11 @@ def uses_critic(ppo) -> bool:
 def estimator_problem(ppo) -> str | None:
     """Why the PPO settings cannot run their estimator and loss (None: they can): an unknown name, too few
     samples per prompt."""
-    if ppo.policy_loss not in POLICY_LOSSES:
-        return f"field 'ppo.policy_loss': unknown policy loss '{ppo.policy_loss}' (registered: {', '.join(POLICY_LOSSES)})"
-    if ppo.advantage not in ADVANTAGE_ESTIMATORS:
-        return f"field 'ppo.advantage': unknown estimator '{ppo.advantage}' (registered: {', '.join(ADVANTAGE_ESTIMATORS)})"
+    for field, registry in (("policy_loss", POLICY_LOSSES), ("advantage", ADVANTAGE_ESTIMATORS)):
+        try:
+            registry.find(getattr(ppo, field))
+        except ValueError as exc:
+            return f"field 'ppo.{field}': {exc}"
     need = ADVANTAGE_ESTIMATORS[ppo.advantage].min_samples_per_prompt
     if ppo.samples_per_prompt < need:
         return (f"field 'ppo.advantage': '{ppo.advantage}' needs ppo.samples_per_prompt >= {need} (the other samples "
@@ -153,24 +173,20 @@ class PolicyLoss:
     summary: str
 
 
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
+POLICY_LOSSES: Registry = Registry("policy loss")
 
 
 def register_policy_loss(name: str):
     """Registers `fn` as `ppo.policy_loss: <name>`, with the one signature
     `fn(logp [B, L-1], old_logp, advantages, mask, ppo settings) -> (scalar loss, fraction of tokens clipped)`."""
     def register(fn):
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is registered twice")
-        POLICY_LOSSES[name] = PolicyLoss(name, fn, (fn.__doc__ or name).strip().splitlines()[0])
+        POLICY_LOSSES.add(name, PolicyLoss(name, fn, _summary(fn)))
         return fn
     return register
 
 
 def policy_loss(name: str) -> PolicyLoss:
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {name!r} (registered: {', '.join(POLICY_LOSSES)})")
-    return POLICY_LOSSES[name]
+    return POLICY_LOSSES.find(name)
 
 
 @register_policy_loss("clip")
