@@ -1,4 +1,6 @@
 """character/models/lora.py without Ray: engine names, fused groups, merged weights, export and loading."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,3 +138,28 @@ def test_checkpoints_from_before_lora_resume_without_it_and_are_refused_with_it(
     with pytest.raises(ConfigError, match=r"train.lora: \{'rank': 0, .* in the checkpoint, \{'rank': 8"):
         check_resume_settings(config_from_dict({"run": {"output_dir": str(tmp_path)}},
                                                overrides=["train.lora.rank=8"]), "policy")
+
+
+def test_an_adapter_is_merged_whole_by_a_ray_train_worker_of_rank_1(tmp_path, monkeypatch):
+    """A worker of rank 1 can be the first to need a merged adapter (train-dpo starting from an adapter-only sft/):
+    the cached folder it publishes must hold the model. transformers 5's save_pretrained writes nothing but on rank
+    0 (a torch.distributed process of another rank got a folder with only a tokenizer in the pipeline test)."""
+    from transformers import AutoModelForCausalLM
+
+    from character.models.loading import load_tokenizer, resolve_model
+
+    model, settings = _peft()  # tiny-qwen2: tied embeddings, written once
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    out = tmp_path / "sft"
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.export("policy", settings, AutoModelForCausalLM, model.config, weights, load_tokenizer("tiny-qwen2"), str(out),
+                "tiny-qwen2", merged=False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    merged = resolve_model(str(out))
+    monkeypatch.undo()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in Path(merged).iterdir()}
+    with torch.no_grad():
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits, expected, atol=1e-4)

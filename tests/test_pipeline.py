@@ -33,6 +33,11 @@ SMALL = ["synthesize.messages_per_trait=6", "respond.candidates=3", "ppo.eval_fr
          "train.lora.rank=4"]
 
 
+# The same run trained by SFT then DPO (test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_sft_and_dpo).
+SFT_DPO = ["policy.sft=true", "sft.epochs=1", "sft.micro_batch_size=2", "sft.lr=1e-3", "policy.method=dpo",
+           "dpo.epochs=1", "dpo.micro_batch_size=2", "dpo.lr=1e-3", "dpo.precompute_reference=false"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,11 +174,13 @@ def _bucket_files(uri: str) -> set[str]:
 class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.cells = {}, {}
+        self.images, self.cells, self.sections = {}, {}, set()
         self._key = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        if tag == "section" and a.get("id"):
+            self.sections.add(a["id"])
         if tag == "img" and a.get("id"):
             self.images[a["id"]] = a.get("src", "")
         if tag == "td" and a.get("data-key"):
@@ -266,11 +273,15 @@ def test_the_job_is_tracked_in_mlflow_inside_the_run_directory(submitted_run):
     assert "metrics.jsonl" in {a.path for a in client.list_artifacts(stages["train-ppo"].info.run_id)}
 
 
-def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_dpo(submitted_run, repo):
-    """A rerun finds nothing to do; the same run with policy.method dpo reuses synthesize, respond and rank,
-    trains dpo/ from their pairs (LoRA, the reference log-probs from the adapter-disabled policy per batch)
-    and redoes evaluate and report, which now compare the base with dpo/ by the DPO implicit reward."""
+def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_sft_and_dpo(submitted_run, repo):
+    """A rerun finds nothing to do; the same run with policy.sft and policy.method dpo reuses synthesize, respond
+    and rank, fine-tunes sft/ on rank's best candidates, trains dpo/ from the pairs starting there (LoRA, the
+    reference log-probs from the adapter-disabled policy per batch: the SFT model) and redoes evaluate and report,
+    which now compare the base with dpo/ by the DPO implicit reward, and with sft/."""
     import pyarrow.fs as pafs
+
+    from character.core.store import StageOutput
+    from character.training.scoring import ImplicitReward
 
     run_uri, _ = submitted_run
     fs, root = pafs.FileSystem.from_uri(run_uri)
@@ -286,32 +297,44 @@ def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_dpo(s
     assert "nothing to do: every stage is complete" in again.stdout
     assert "Started a local Ray instance" not in again.stdout + again.stderr  # no work, not even a Ray
     before = {s: committed(s) for s in ("messages", "responses", "preferences", "pm", "policy")}
-    dpo = subprocess.run(cmd + ["policy.method=dpo", "dpo.epochs=1", "dpo.micro_batch_size=2", "dpo.lr=1e-3",
-                                "dpo.precompute_reference=false"],
-                         cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+    dpo = subprocess.run(cmd + SFT_DPO, cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
     assert dpo.returncode == 0, dpo.stdout[-3000:] + dpo.stderr[-3000:]
-    assert "stages run: train-dpo, evaluate, report" in dpo.stdout
+    assert "stages run: train-sft, train-dpo, evaluate, report" in dpo.stdout
     assert {s: committed(s) for s in before} == before
-    assert {"dpo/_SUCCESS", "dpo/metrics.json", "dpo/adapter/adapter_model.safetensors", "eval/_SUCCESS",
+    assert {"sft/_SUCCESS", "sft/metrics.json", "sft/adapter/adapter_model.safetensors", "dpo/_SUCCESS",
+            "dpo/metrics.json", "dpo/adapter/adapter_model.safetensors", "eval/_SUCCESS",
             "report/_SUCCESS"} <= _bucket_files(run_uri)
     with fs.open_input_stream(f"{root}/eval/summary.json") as f:
         summary = json.loads(f.read())
     assert summary["trained_model"] == f"{run_uri}/dpo" and summary["score"] == "DPO implicit reward"
+    assert summary["sft_model"] == f"{run_uri}/sft" and summary["sft"]["overall"]["held_out"]["n_samples"] > 0
     with fs.open_input_stream(f"{root}/dpo/metrics.json") as f:
         metrics = json.loads(f.read())
     assert metrics["reference"] == "online" and metrics["train_pairs"] > 0 and metrics["eval_pairs"] > 0
+    assert metrics["reference_model"] == f"{run_uri}/sft"
+    with fs.open_input_stream(f"{root}/sft/metrics.json") as f:
+        sft = json.loads(f.read())
+    # (that it learns: tests/test_train_sft.py; here 17 targets sampled from the random model itself, 5 steps)
+    assert sft["source"] == "best" and sft["train_examples"] > 0 and sft["steps"] > 0 and sft["eval_examples"] > 0
+    # The reference is the SFT model, not the base: evaluate's scores are beta * (log dpo - log sft), to the digit.
+    rows = [r for r in StageOutput(run_uri, "eval").read().to_pylist() if r["model"] == "trained"][:4]
+    score = lambda reference: ImplicitReward(f"{run_uri}/dpo", reference, 0.1, 256, 4)(  # noqa: E731
+        [r["prompt"] for r in rows], [r["response"] for r in rows]).tolist()
+    assert score(f"{run_uri}/sft") == pytest.approx([r["reward"] for r in rows], abs=1e-4)
+    assert score("tiny-llama") != pytest.approx([r["reward"] for r in rows], abs=1e-3)
     with fs.open_input_stream(f"{root}/report/index.html") as f:
         page = _Page()
         page.feed(f.read().decode())
     assert {"fig-dpo-calibration", "fig-score-shift", "fig-win-rate"} <= set(page.images)
+    assert "sft" in page.sections and page.cells["SFT vs base.held_out.pm_delta.mean"] != "-"
     # Tracking: the same run directory's MLflow run, now with a train-dpo stage and a second evaluation.
     local = Path(tempfile.mkdtemp()) / "mlflow.db"
     with fs.open_input_stream(f"{root}/mlflow/mlflow.db") as f:
         local.write_bytes(f.read())
     client, parent, runs = _tracked_runs(local)
     assert sorted(r.data.tags["character.stage"] for r in runs) == sorted(
-        ["synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate", "report", "train-dpo", "evaluate",
-         "report"])
+        ["synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate", "report", "train-sft", "train-dpo",
+         "evaluate", "report"])
     dpo_run = next(r for r in runs if r.data.tags["character.stage"] == "train-dpo")
     assert [m.step for m in client.get_metric_history(dpo_run.info.run_id, "train_loss")] == list(
         range(1, metrics["steps"] + 1))
@@ -321,7 +344,7 @@ def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_dpo(s
 
 
 def test_compare_puts_the_ppo_run_and_the_dpo_run_side_by_side(submitted_run, tmp_path, capsys):
-    """`character compare` over the PPO run (its download, taken before the DPO switch) and the run on S3 (DPO)."""
+    """`character compare` over the PPO run (its download, taken before the switch) and the run on S3 (SFT then DPO)."""
     from character.pipeline.cli import main
 
     run_uri, run_dir = submitted_run
@@ -330,7 +353,7 @@ def test_compare_puts_the_ppo_run_and_the_dpo_run_side_by_side(submitted_run, tm
     head, ppo_row, dpo_row = (re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()[:3])
     assert head[:5] == ["run", "model", "constitution", "recipe", "held-out pair acc."]
     assert ppo_row[:4] == [str(run_dir), "tiny-llama", "tiny.yaml (3 traits)", "ppo"]
-    assert dpo_row[:4] == [run_uri, "tiny-llama", "tiny.yaml (3 traits)", "dpo"]
+    assert dpo_row[:4] == [run_uri, "tiny-llama", "tiny.yaml (3 traits)", "sft+dpo"]
     assert len(head) == len(ppo_row) == len(dpo_row)
     page = _Page()
     page.feed(page_file.read_text())
@@ -339,7 +362,7 @@ def test_compare_puts_the_ppo_run_and_the_dpo_run_side_by_side(submitted_run, tm
     ppo = [json.loads(x) for x in (run_dir / "policy" / "metrics.jsonl").read_text().splitlines()]
     assert page.cells["0.pair_accuracy"] == f"{pm['eval_accuracy']:.4f}"
     assert page.cells["0.ppo_kl"] == f"{[x for x in ppo if 'kl' in x][-1]['kl']:.4f}"
-    assert page.cells["1.recipe"] == "dpo" and page.cells["1.ppo_kl"] == "-"
+    assert page.cells["1.recipe"] == "sft+dpo" and page.cells["1.ppo_kl"] == "-"
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     trait = next(iter(summary["groups"].values()))["trait"]
     assert page.cells[f"0.win:{trait}"] == f"{summary['groups'][trait + '/held_out']['win_rate']['mean']:.4f}"
@@ -419,7 +442,7 @@ def test_review_reads_the_run_on_object_storage_and_a_dropped_trait_reaches_char
     assert [i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/review"))] == ["verdicts.yaml"]
     capsys.readouterr()
     assert main(["run", "--config", str(repo / "configs/tiny.yaml"), f"run.output_dir={run_uri}", *SMALL,
-                 "policy.method=dpo", "tracking.backend=none"]) == 0
+                 *SFT_DPO, "tracking.backend=none"]) == 0
     out = capsys.readouterr().out
     assert f"[run] review: skipping trait(s) ai_nature (marked drop in {run_uri}/review/verdicts.yaml)" in out
     assert "nothing to do: every stage is complete" in out

@@ -150,6 +150,15 @@ def test_pages_show_one_trait_across_the_pipeline(tmp_path):
     from character.review.app import create_app
 
     info = synthetic_run(str(tmp_path), traits=60, messages_per_trait=8)
+    # A run trained with policy.sft: evaluate's rows have the SFT model's answers too (model "sft").
+    import pyarrow as pa
+
+    from character.core.store import StageOutput
+
+    evaluation = StageOutput(str(tmp_path), "eval")
+    sft_rows = [{**r, "model": "sft"} for r in evaluation.read(schema=schemas.EVAL).to_pylist()
+                if r["model"] == "trained"]
+    evaluation.write_part(pa.Table.from_pylist(sft_rows, schema=schemas.EVAL), key="sft")
     app = create_app(str(tmp_path), "ana", token="t0k")
     client = _client(app)
     index = client.get("/").text
@@ -169,6 +178,7 @@ def test_pages_show_one_trait_across_the_pipeline(tmp_path):
     answers = view.answers_of(name, split="", sort="pm_change")
     changes = [abs(a["pm_change"]) for a in answers]
     assert changes == sorted(changes, reverse=True) and len(answers) == 4  # 2 held-out + 2 adversarial messages
+    assert client.get(f"/trait/{name}?tab=answers&split=").status_code == 200
     dropped = client.get(f"/trait/{name}?status=dropped").text
     assert "too_short" in dropped
     mid = info["pairs"][name][0]["message_id"]

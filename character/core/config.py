@@ -22,15 +22,17 @@ from character.core.config_sections import (EngineConfig, EvaluateConfig, Export
                                             ModelConfig, PolicyConfig, PoolSize, RankConfig, RayConfig, RespondConfig,
                                             RuleConfig, RunConfig, SamplingConfig, Strict, SynthesizeConfig,
                                             TrackingConfig, TraitsConfig)
-from character.core.config_training import DPOConfig, LoraConfig, PairTrainingConfig, PMConfig, PPOConfig, TrainConfig
+from character.core.config_training import (DPOConfig, LoraConfig, PairTrainingConfig, PMConfig, PPOConfig,
+                                            RevisionConfig, SFTConfig, StepLoopConfig, TrainConfig)
+from character.core.store import join_uri
 
 # The section models are re-exported: the rest of the code imports them from this module.
 __all__ = [
     "Config", "ConfigError", "config_from_dict", "dump_config", "load_config", "parse_overrides",
     "DPOConfig", "EngineConfig", "EvaluateConfig", "ExportConfig", "FewShotExample", "JudgeConfig", "LoraConfig",
     "ModelConfig", "PairTrainingConfig", "PMConfig", "PolicyConfig", "PoolSize", "PPOConfig", "RankConfig",
-    "RayConfig", "RespondConfig", "RuleConfig", "RunConfig", "SamplingConfig", "Strict", "SynthesizeConfig",
-    "TrackingConfig", "TrainConfig", "TraitsConfig",
+    "RayConfig", "RespondConfig", "RevisionConfig", "RuleConfig", "RunConfig", "SamplingConfig", "SFTConfig",
+    "StepLoopConfig", "Strict", "SynthesizeConfig", "TrackingConfig", "TrainConfig", "TraitsConfig",
 ]
 
 
@@ -56,6 +58,8 @@ class Config(Strict):
         "The judge of rank's comparisons (and the rule of ppo.reward rule)."))
     train: TrainConfig = Field(default_factory=TrainConfig, description=(
         "Ray Train + DeepSpeed settings shared by the training stages."))
+    sft: SFTConfig = Field(default_factory=SFTConfig, description=(
+        "train-sft: supervised fine-tuning on the model's own in-character answers (policy.sft)."))
     pm: PMConfig = Field(default_factory=PMConfig, description="train-pm: the preference model on rank's pairs.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description=(
         "train-ppo: the policy trained against the preference model or a rule (PPO, GRPO or RLOO)."))
@@ -82,6 +86,12 @@ class Config(Strict):
         """The output folder of the trained policy, which evaluate compares with the base: policy/ (train-ppo)
         or dpo/ (train-dpo)."""
         return "dpo" if self.policy.method == "dpo" else "policy"
+
+    @property
+    def start_model(self) -> str:
+        """The model every later training stage starts from: train-sft's sft/ with policy.sft (the preference
+        model, the PPO policy, its reference and critic, the DPO policy and its reference), else model.name."""
+        return join_uri(self.run.output_dir, "sft") if self.policy.sft else self.model.name
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Config:

@@ -242,6 +242,10 @@ class PolicyConfig(Strict):
     method: Literal["ppo", "dpo"] = Field("ppo", description=(
         "ppo: rank -> train-pm -> train-ppo (ppo.advantage picks PPO with a critic, GRPO or RLOO); dpo: rank -> "
         "train-dpo (no preference model; evaluate scores with the DPO implicit reward)."))
+    sft: bool = Field(False, description=(
+        "true: train-sft runs after rank and the later stages start from its model (sft/): the preference model, "
+        "the PPO policy, its reference and critic, or with DPO the policy and its reference; evaluate also "
+        "reports base vs SFT."))
 
 
 class TrackingConfig(Strict):

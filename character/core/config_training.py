@@ -1,4 +1,4 @@
-"""The config sections of the training stages (train-pm, train-ppo, train-dpo) and the Ray Train + DeepSpeed
+"""The config sections of the training stages (train-sft, train-pm, train-ppo, train-dpo) and the Ray Train + DeepSpeed
 settings they share: each field's `description` is its documentation (docs/config.md,
 `character.pipeline.config_help`).
 
@@ -63,8 +63,9 @@ class TrainConfig(Strict):
         return self
 
 
-class PairTrainingConfig(Strict):
-    """What train-pm and train-dpo share: both step through the same preference pairs (character/training/pairs.py)."""
+class StepLoopConfig(Strict):
+    """What train-sft, train-pm and train-dpo share: the step loop over a fixed list of examples
+    (character/training/pairs.py), its data position, accumulation, guard, evaluation and checkpoints."""
 
     epochs: int = Field(2, ge=1, description="Passes over the training pairs.")
     max_steps: int | None = Field(None, ge=1, description=(
@@ -81,8 +82,51 @@ class PairTrainingConfig(Strict):
     eval_every: int = Field(0, ge=0, description="Steps; 0: at each checkpoint and at the end.")
     max_nonfinite_in_row: int = Field(3, ge=1, description=(
         "Consecutive steps skipped for a non-finite loss or gradient norm that stop the run."))
+
+
+class PairTrainingConfig(StepLoopConfig):
+    """What train-pm and train-dpo share: both step through the same preference pairs (character/training/pairs.py)."""
+
     calibration_bins: int = Field(5, ge=1, description=(
         "Confidence bins of the validation calibration (accuracy by confidence)."))
+
+
+class RevisionConfig(Strict):
+    """sft.source revised: Constitutional AI's supervised phase. The model critiques an answer against its trait,
+    then rewrites it in the light of the critique; `rounds` times, each round revising the last revision."""
+
+    model: str | None = Field(None, description=(
+        "The model that critiques and revises (None: the policy, model.name, as in Constitutional AI); a larger "
+        "model makes a teacher, as Open Character Training's: a 135M model's critiques and revisions are rarely "
+        "usable (benchmarks/sft.py)."))
+    rounds: int = Field(1, ge=1, le=8, description="Critique-then-revise rounds per answer.")
+    critique_sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=96),
+        description="Sampling of each critique.")
+    revision_sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95, max_tokens=128),
+        description="Sampling of each revision; a revision cut off at max_tokens is set aside (truncated).")
+
+
+class SFTConfig(StepLoopConfig):
+    """train-sft: supervised fine-tuning on the model's own in-character answers, shown the message without the
+    trait's system prompt (context distillation, Askell et al. 2021), the loss on the answer's tokens only."""
+
+    source: Literal["best", "all", "revised"] = Field("best", description=(
+        "best: each training message's best candidate by rank's ranking (best-of-K, rejection-sampling SFT); all: "
+        "every candidate (pure context distillation); revised: the best candidate critiqued against the trait "
+        "and revised by the model (Constitutional AI's supervised phase; sft.revision)."))
+    system_prompt: Literal["none", "trait", "constitution"] = Field("none", description=(
+        "What the training prompt shows before the message: none (the default: the trait becomes the model's own, "
+        "not its prompt's), the trait's system prompt, or the whole constitution's."))
+    revision: RevisionConfig = Field(default_factory=RevisionConfig, description=(
+        "source revised: the critique and revision rounds through the vLLM pool."))
+    lr: float = Field(2e-5, gt=0, description="AdamW learning rate (TRL's SFTConfig default).")
+    epochs: int = Field(2, ge=1, description="Passes over the training targets.")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "Held-out messages, out of the `train` split, whose targets measure the held-out NLL before and after; "
+        "carved out by message with the preference model's hash, so at equal fractions the PM validates on "
+        "messages SFT never trained on."))
 
 
 class PMConfig(PairTrainingConfig):

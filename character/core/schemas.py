@@ -68,6 +68,18 @@ PREFERENCES = pa.schema([
     pa.field("rejected_score", pa.float64(), nullable=False),
 ])
 
+# train-sft with sft.source revised: each message's answer, the model's critiques of it against the trait and its
+# revisions, round by round (sft/revisions/; set-aside ones in sft/revisions/rejected/ with their reason).
+SFT_REVISIONS = pa.schema([
+    pa.field("message_id", pa.string(), nullable=False),
+    pa.field("trait", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),  # the message
+    pa.field("original", pa.string(), nullable=False),  # the answer revised: the message's best candidate
+    pa.field("critiques", pa.list_(pa.string()), nullable=False),  # one per round
+    pa.field("revisions", pa.list_(pa.string()), nullable=False),  # one per round; each revises the one before
+    pa.field("revision", pa.string(), nullable=False),  # the last: the SFT target
+])
+
 # Every comparison the judge made, both orders: the raw material of the label-quality numbers.
 COMPARISONS = pa.schema([
     pa.field("message_id", pa.string(), nullable=False),
@@ -87,7 +99,7 @@ EVAL = pa.schema([
     pa.field("message_id", pa.string(), nullable=False),
     pa.field("trait", pa.string(), nullable=False),
     pa.field("split", pa.string(), nullable=False),  # held_out | adversarial
-    pa.field("model", pa.string(), nullable=False),  # base | trained
+    pa.field("model", pa.string(), nullable=False),  # base | trained | sft (policy.sft)
     pa.field("sample", pa.int32(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("response", pa.string(), nullable=False),
@@ -95,7 +107,8 @@ EVAL = pa.schema([
     pa.field("n_words", pa.int32(), nullable=False),
     pa.field("n_tokens", pa.int32(), nullable=False),
     pa.field("finish_reason", pa.string(), nullable=False),
-    pa.field("win_prob", pa.float64(), nullable=False),  # P(this response beats the other model's same sample)
+    # P(this response beats the base's same sample); a base row: P(it beats the trained model's same sample)
+    pa.field("win_prob", pa.float64(), nullable=False),
 ])
 
 EVAL_GENERATIONS = pa.schema([

@@ -34,9 +34,10 @@ def validate_pairs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return good, bad
 
 
-def chat_prefix(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+def chat_prefix(tokenizer, prompt: str, system: str = "") -> list[int]:
+    """The chat-templated user turn (after `system`'s turn, if any) and the start of the assistant's."""
+    turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -48,15 +49,19 @@ def encode_response(tokenizer, prompt: str, response: str, max_length: int) -> l
     return head + tail
 
 
-def encode_prompt_and_response(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """`encode_response` as its two parts: the prompt's tokens and the response's (eos included)."""
-    head = chat_prefix(tokenizer, prompt)
-    tail = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_prompt_and_response(tokenizer, prompt: str, response: str, max_length: int, system: str = "",
+                               eos: bool = True) -> tuple[list[int], list[int]]:
+    """`encode_response` as its two parts: the prompt's tokens (after `system`'s turn, if any) and the
+    response's, eos included unless `eos` is False (an answer cut off by its sampler did not end there:
+    supervised training on it must not teach the model to stop there)."""
+    head = chat_prefix(tokenizer, prompt, system)
+    end = [tokenizer.eos_token_id] if eos else []
+    tail = tokenizer(response, add_special_tokens=False)["input_ids"] + end
     if len(head) + len(tail) <= max_length:
         return head, tail
     head_budget = min(len(head), max(max_length // 2, max_length - len(tail)))
     head = head[len(head) - head_budget:]
-    return head, tail[: max_length - len(head) - 1] + [tokenizer.eos_token_id]
+    return head, tail[: max_length - len(head) - len(end)] + end
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int):

@@ -57,3 +57,26 @@ def character_system_prompt(trait: Trait, constitution: Constitution, mode: str)
         "You are an AI assistant. One of your character traits (a nudge, not a rule):\n"
         f"{trait.describe()}\n\nRespond to the person in character."
     )
+
+
+# Constitutional AI's supervised phase (train-sft, sft.source revised): a critique of an answer against one trait,
+# then a revision in the light of it (Bai et al. 2022, "Constitutional AI", section 3). The critique is asked for
+# as a reviewer's note and the revision in character, with the trait as system prompt, as respond answered.
+CRITIQUE_SYSTEM = "You review an AI assistant's answers against its character, briefly and concretely."
+
+
+def critique_prompt(trait: Trait, message: str, answer: str) -> tuple[str, str]:
+    """(system, user) asking for a critique of `answer` to `message` against `trait`."""
+    return CRITIQUE_SYSTEM, (
+        f"The assistant has this character trait (a nudge, not a rule):\n{trait.describe()}\n\n"
+        f"A person wrote:\n\"{message}\"\n\nThe assistant answered:\n\"{answer}\"\n\n"
+        "In two or three sentences, say where the answer falls short of this trait and how it could show it "
+        "better while still helping the person.")
+
+
+def revision_prompt(trait: Trait, constitution: Constitution, message: str, answer: str,
+                    critique: str) -> tuple[str, str]:
+    """(system, user) asking for `answer` rewritten in the light of `critique`, in character."""
+    return character_system_prompt(trait, constitution, "trait"), (
+        f"A person wrote:\n\"{message}\"\n\nA first answer was:\n\"{answer}\"\n\nA reviewer said:\n\"{critique}\"\n\n"
+        "Write a better answer to the person that takes the review into account. Write only the answer itself.")

@@ -50,14 +50,24 @@ def _ppo(config: Config) -> bool:
     return config.policy.method == "ppo"
 
 
+def _sft(config: Config) -> tuple[str, ...]:
+    """train-sft, for the stages that start from its model (policy.sft)."""
+    return ("train-sft",) if config.policy.sft else ()
+
+
+def _sft_reads(config: Config) -> tuple[str, ...]:
+    return ("respond",) if config.sft.source == "all" else ("respond", "rank")
+
+
 def _ppo_reads(config: Config) -> tuple[str, ...]:
     ppo = config.ppo
     needs_pm = ppo.reward == "pm" or (uses_critic(ppo) and ppo.critic_init == "pm")
-    return ("synthesize", "train-pm") if needs_pm else ("synthesize",)
+    return ("synthesize", *_sft(config), *(("train-pm",) if needs_pm else ()))
 
 
 def _evaluate_reads(config: Config) -> tuple[str, ...]:
-    return ("synthesize", "train-pm", "train-ppo") if _ppo(config) else ("synthesize", "train-dpo")
+    trained = ("train-pm", "train-ppo") if _ppo(config) else ("train-dpo",)
+    return ("synthesize", *_sft(config), *trained)
 
 
 SPECS = (
@@ -67,13 +77,17 @@ SPECS = (
               lambda c: ("synthesize",), schemas.RESPONSES, work.respond, models=("model.name",)),
     StageSpec("rank", "preferences", "the model ranks its own candidates against the trait: soft-labelled pairs",
               lambda c: ("respond",), schemas.PREFERENCES, work.rank, models=("model.name", "judge.model")),
+    StageSpec("train-sft", "sft", "supervised fine-tuning on the model's own in-character answers, shown without "
+              "the trait (context distillation: best-of-K, every candidate, or CAI critique-and-revision)",
+              _sft_reads, None, work.train_sft, models=("model.name", "sft.revision.model"), trains=True,
+              in_run=lambda c: c.policy.sft),
     StageSpec("train-pm", "pm", "a preference model on the pairs (Ray Train + DeepSpeed)",
-              lambda c: ("rank",), None, work.train_pm, models=("model.name", "pm.base_model"), trains=True,
+              lambda c: ("rank", *_sft(c)), None, work.train_pm, models=("model.name", "pm.base_model"), trains=True,
               in_run=_ppo),
     StageSpec("train-ppo", "policy", "the policy against the preference model: PPO, GRPO or RLOO, KL to the reference",
               _ppo_reads, None, work.train_ppo, models=("model.name", "pm.base_model"), trains=True, in_run=_ppo),
     StageSpec("train-dpo", "dpo", "the policy on the pairs directly (DPO), instead of train-pm and train-ppo",
-              lambda c: ("rank",), None, work.train_dpo, models=("model.name",), trains=True,
+              lambda c: ("rank", *_sft(c)), None, work.train_dpo, models=("model.name",), trains=True,
               in_run=lambda c: not _ppo(c)),
     StageSpec("evaluate", "eval", "base vs trained on held-out and adversarial messages, per trait",
               _evaluate_reads, schemas.EVAL, work.evaluate, models=("model.name", "evaluate.judge.model")),

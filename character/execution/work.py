@@ -70,6 +70,25 @@ def rank(config: Config, size: RunSize) -> float:
     return 0.0
 
 
+def train_sft(config: Config, size: RunSize) -> float:
+    """Training passes over the SFT targets (one per training message, or every candidate with source all),
+    each sequence about half its maximal length; with source revised, the critiques and revisions generated
+    first (a prompt with the answer, then the new tokens, per round)."""
+    sft, messages = config.sft, training_messages(config, size)
+    examples = messages * (config.respond.candidates if sft.source == "all" else 1)
+    tokens = examples * (1 - sft.eval_fraction) * sft.epochs * sft.max_length / 2
+    if sft.max_steps:
+        tokens = min(tokens, sft.max_steps * sft.micro_batch_size * sft.grad_accum * sft.max_length / 2)
+    revising = 0.0
+    if sft.source == "revised":
+        rev = sft.revision
+        per_round = 2 * (PROMPT_TOKENS + config.respond.sampling.max_tokens) + 2 * (
+            rev.critique_sampling.max_tokens + rev.revision_sampling.max_tokens)
+        revising = messages * rev.rounds * per_round
+    held_out_nll = 2 * examples * sft.eval_fraction * sft.max_length / 2  # before and after
+    return TRAIN_PASS * tokens + HF_FORWARD * held_out_nll + revising
+
+
 def train_pm(config: Config, size: RunSize) -> float:
     return TRAIN_PASS * pair_tokens(config.pm, _pairs(config, size))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from itertools import combinations
 
 
@@ -103,3 +103,21 @@ def label_stats(q_firsts: list[float], q_seconds: list[float], labels: list[floa
         "pairs_per_trait": dict(pairs_per_trait),
         "drops": dict(drops),
     }
+
+
+def best_candidates(comparisons: list[dict], aggregate: str) -> dict[str, int]:
+    """message_id -> the index of its best candidate, by the scores rank aggregates its comparisons into
+    (rank.aggregate: mean_win or bradley_terry), ties to the lower index as rank's choose_pairs breaks them.
+    A message without comparisons (rank set all but one candidate aside, or the judge's prompt did not fit)
+    has no ranking and no entry."""
+    labels: dict[str, dict[tuple[int, int], float]] = defaultdict(dict)
+    for c in comparisons:
+        labels[c["message_id"]][(int(c["i"]), int(c["j"]))] = float(c["label"])
+    scorer = bradley_terry_scores if aggregate == "bradley_terry" else mean_win_scores
+    best = {}
+    for message_id, pairs in labels.items():
+        compared = sorted({i for pair in pairs for i in pair})
+        local = {c: n for n, c in enumerate(compared)}
+        scores = scorer(len(compared), {(local[i], local[j]): p for (i, j), p in pairs.items()})
+        best[message_id] = compared[min(range(len(compared)), key=lambda n: (-scores[n], compared[n]))]
+    return best

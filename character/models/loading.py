@@ -92,6 +92,28 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_model_folder(model, folder) -> None:
+    """`model` as an ordinary Hugging Face folder (config.json, generation_config.json, model.safetensors), written
+    by whichever process calls it. Why not `save_pretrained`: transformers 5 writes no weights and no config on a
+    process whose torch.distributed rank is not 0, and a Ray Train worker of rank 1 can be the first to build a
+    cached model (an adapter merged onto its base): the published folder would hold only a tokenizer. A tensor
+    shared by two names (tied embeddings) is written once, under its first name, as save_pretrained does."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it: vLLM picks its class by it
+    model.config.save_pretrained(str(folder))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(folder))
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        weights[name] = tensor.detach().contiguous()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _corpus_path() -> Path:
     return Path(__file__).parent / "assets" / "tokenizer_corpus.txt"
 
@@ -159,7 +181,7 @@ def build_random_model(name: str, spec: RandomModelSpec, target: Path) -> None:
     if spec.eos_logit is not None:
         bias_eos(model, eos, spec.eos_logit)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos)
-    model.save_pretrained(str(target), safe_serialization=True)
+    save_model_folder(model, target)
     (target / "character_model.json").write_text(json.dumps({"builtin": name, **asdict(spec)}, indent=2))
 
 
@@ -220,7 +242,7 @@ def convert_gguf_model(gguf: Path, target: Path) -> None:
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=tokenizer.bos_token_id)
-    model.save_pretrained(str(target), safe_serialization=True)
+    save_model_folder(model, target)
     tokenizer.model_max_length = config.max_position_embeddings  # GGUF leaves it unset (a huge sentinel)
     tokenizer.save_pretrained(str(target))
     (target / "character_model.json").write_text(json.dumps({"builtin": "packaged", "gguf": gguf.name}, indent=2))
@@ -334,6 +356,6 @@ def merge_adapter(adapter: Path, target: Path) -> None:
     extra = {"num_labels": 1} if model_class is AutoModelForSequenceClassification else {}
     base_path = resolve_model(settings["base_model_name_or_path"])
     merged = PeftModel.from_pretrained(model_class.from_pretrained(base_path, **extra), str(adapter)).merge_and_unload()
-    merged.save_pretrained(str(target), safe_serialization=True)
+    save_model_folder(merged, target)
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
     AutoTokenizer.from_pretrained(str(adapter) if has_tokenizer else base_path).save_pretrained(str(target))

@@ -42,7 +42,7 @@ def run_facts(run_dir: str) -> dict:
         "run": run_dir.rstrip("/"), "model": dig(config, "model.name"),
         "constitution": f"{os.path.basename(dig(config, 'traits.path') or '?')} ({len(traits)} traits)"
         if traits else os.path.basename(dig(config, "traits.path") or "") or None,
-        "recipe": recipe_name(dig(config, "policy.method"), dig(config, "ppo.advantage")) if config else None,
+        "recipe": recipe_name(dig(config, "policy.method"), dig(config, "ppo.advantage"), dig(config, "policy.sft")) if config else None,
         "pair_accuracy": pairs.get("eval_accuracy"),
         "ppo_kl": last["kl"], "ppo_reward": last["reward"], "ppo_eval_reward": last["eval_reward"],
         "win_rate": dig(summary, "overall.held_out.win_rate.mean"),

@@ -202,7 +202,8 @@ class RunView:
                 continue
             m = by_message.setdefault(r["message_id"], {"message_id": r["message_id"], "prompt": r["prompt"],
                                                         "split": r["split"], "base": [], "trained": []})
-            m[r["model"]].append(r)
+            if r["model"] in m:  # base and trained; policy.sft's own answers (model "sft") are the report's
+                m[r["model"]].append(r)
         rows = []
         for m in by_message.values():
             for side in ("base", "trained"):

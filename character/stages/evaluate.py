@@ -5,7 +5,9 @@ synthesised for evaluation (pushing the model off its character), both from mess
 split them (character/data/splits.py), both models answer with the same sampling settings and seeds; every response
 gets the preference model's score, and each trained/base pair of the same sample is judged in both
 orders. The trained model is train-ppo's policy/ or, with policy.method dpo, train-dpo's dpo/; the score is
-then the DPO implicit reward, as no PM is trained (character/training/scoring.py evaluation_scorer). Output:
+then the DPO implicit reward, as no PM is trained (character/training/scoring.py evaluation_scorer). With
+policy.sft, train-sft's sft/ answers too and is judged against the base the same way: summary.json's `sft`
+block says what SFT alone added, its top level what SFT then RL did. Output:
 eval/part-*.parquet (message x model x sample) and eval/summary.json per trait and split, with intervals
 clustered by message (character/reporting/evalstats.py).
 """
@@ -33,6 +35,7 @@ from character.review.marks import active_constitution
 from character.training.scoring import evaluation_scorer
 
 SPEC = spec_of(__name__)
+COMPARED = ("trained", "sft")  # the models judged against the base, each on the base's answer of the same sample
 _WORD = re.compile(r"\w+")
 
 
@@ -68,52 +71,62 @@ class EvalWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        comps, flat = [], []
+        comps, flat, judged = [], [], []  # judged: (flat index, its comparisons' index, the base row's or None)
         for r in rows:
-            for s, (b, t) in enumerate(zip(r["base_outputs"], r["trained_outputs"])):
-                system = self.systems[r["trait"]]
-                comps += [Comparison(self.traits[r["trait"]], r["text"], t, b, system),
-                          Comparison(self.traits[r["trait"]], r["text"], b, t, system)]
-                for model, text, fin, ntok in (("base", b, r["base_finish"][s], r["base_tokens"][s]),
-                                               ("trained", t, r["trained_finish"][s], r["trained_tokens"][s])):
+            system = self.systems[r["trait"]]
+            for s, b in enumerate(r["base_outputs"]):
+                base_at = len(flat)
+                for model in ("base", *COMPARED):
+                    if f"{model}_outputs" not in r:
+                        continue
+                    text = r[f"{model}_outputs"][s]
+                    if model != "base":  # judged against the base's answer of the same sample, in both orders
+                        judged.append((len(flat), len(comps), base_at if model == "trained" else None))
+                        comps += [Comparison(self.traits[r["trait"]], r["text"], text, b, system),
+                                  Comparison(self.traits[r["trait"]], r["text"], b, text, system)]
                     flat.append({"message_id": r["message_id"], "trait": r["trait"], "split": r["split"],
                                  "model": model, "sample": s, "prompt": r["text"], "response": text,
-                                 "n_words": len(_WORD.findall(text)), "n_tokens": ntok, "finish_reason": fin})
+                                 "n_words": len(_WORD.findall(text)), "n_tokens": r[f"{model}_tokens"][s],
+                                 "finish_reason": r[f"{model}_finish"][s]})
         probs = self.judge.prob_first(comps)
         rewards = self.pm([f["prompt"] for f in flat], [f["response"] for f in flat]).tolist()
-        for k, f in enumerate(flat):
-            q_first, q_second = probs[2 * (k // 2)], probs[2 * (k // 2) + 1]
-            p_trained = 0.5 if q_first is None or q_second is None else soft_label(q_first, q_second)
-            f["win_prob"] = p_trained if f["model"] == "trained" else 1.0 - p_trained
-            f["reward"] = rewards[k]
+        for f, reward in zip(flat, rewards):
+            f["reward"] = reward
+        for at, c, base_at in judged:
+            q_first, q_second = probs[c], probs[c + 1]
+            p = 0.5 if q_first is None or q_second is None else soft_label(q_first, q_second)
+            flat[at]["win_prob"] = p
+            if base_at is not None:  # a base row's win_prob is against the final model
+                flat[base_at]["win_prob"] = 1.0 - p
         if flat:
             self.out.write_part(pa.Table.from_pylist(flat, schema=schemas.EVAL),
                                 key=batch_key([r["message_id"] for r in rows]))
         return pa.table({"rows_in": [len(rows)], "rows_out": [len(flat)], "drops": [""], "new_tokens": [0]})
 
 
-def paired_samples(rows: list[dict]) -> list[dict]:
-    """{"base": row, "trained": row} per (message, sample) that both models answered."""
+def paired_samples(rows: list[dict], model: str = "trained") -> list[dict]:
+    """{"base": row, model: row} per (message, sample) that both models answered."""
     pairs = defaultdict(dict)
     for r in rows:
         pairs[(r["message_id"], r["sample"])][r["model"]] = r
-    return [p for p in pairs.values() if "base" in p and "trained" in p]
+    return [p for p in pairs.values() if "base" in p and model in p]
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Per trait/split and overall per split: PM scores, paired score shift, win rates, lengths, each with
-    an interval clustered by message (the samples of one message are not independent)."""
+def summarise(rows: list[dict], model: str = "trained") -> dict:
+    """Per trait/split and overall per split, `model` (the final model, or the SFT model) against the base: PM
+    scores, paired score shift, win rates, lengths, each with an interval clustered by message (the samples of
+    one message are not independent)."""
     def block(subset: list[dict]) -> dict:
-        both = paired_samples(subset)
+        both = paired_samples(subset, model)
         ids = [p["base"]["message_id"] for p in both]
-        base_r, trained_r = [p["base"]["reward"] for p in both], [p["trained"]["reward"] for p in both]
-        base_l, trained_l = [p["base"]["n_words"] for p in both], [p["trained"]["n_words"] for p in both]
-        soft, hard = win_rates([p["trained"]["win_prob"] for p in both], ids)
+        base_r, model_r = [p["base"]["reward"] for p in both], [p[model]["reward"] for p in both]
+        base_l, model_l = [p["base"]["n_words"] for p in both], [p[model]["n_words"] for p in both]
+        soft, hard = win_rates([p[model]["win_prob"] for p in both], ids)
         return {"n_messages": len(set(ids)), "n_samples": len(both),
-                "pm_base": clustered_mean(base_r, ids), "pm_trained": clustered_mean(trained_r, ids),
-                "pm_delta": clustered_delta(trained_r, base_r, ids), "win_rate": soft, "hard_win_rate": hard,
-                "length_base": clustered_mean(base_l, ids), "length_trained": clustered_mean(trained_l, ids),
-                "length_change": clustered_delta(trained_l, base_l, ids)}
+                "pm_base": clustered_mean(base_r, ids), f"pm_{model}": clustered_mean(model_r, ids),
+                "pm_delta": clustered_delta(model_r, base_r, ids), "win_rate": soft, "hard_win_rate": hard,
+                "length_base": clustered_mean(base_l, ids), f"length_{model}": clustered_mean(model_l, ids),
+                "length_change": clustered_delta(model_l, base_l, ids)}
 
     groups, splits = defaultdict(list), defaultdict(list)
     for r in rows:
@@ -127,13 +140,15 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def run(config: Config, force: bool = False) -> StageResult:
-    trained = StageOutput(config.run.output_dir, config.policy_stage).path()
+    models = evaluated_models(config)
     out = StageOutput(config.run.output_dir, SPEC.output)
-    evaluated = out.success_info().get("trained_model") if out.complete() and not force else None
-    if evaluated not in (None, trained):
-        # Another policy.method than the one evaluated: its eval/ describes another model.
-        print(f"[evaluate] eval/ evaluated {evaluated}; the config trains {trained} "
-              f"(policy.method {config.policy.method}): evaluating again", flush=True)
+    info = out.success_info() if out.complete() and not force else None
+    evaluated = None if info is None else (info.get("trained_model"), info.get("sft_model"))
+    if evaluated not in (None, (models["trained"], models.get("sft"))):
+        # Another policy.method (or policy.sft) than the one evaluated: its eval/ describes other models.
+        print(f"[evaluate] eval/ evaluated {', '.join(filter(None, evaluated))}; the config trains "
+              f"{', '.join(m for k, m in models.items() if k != 'base')} (policy.method {config.policy.method}, "
+              f"policy.sft {config.policy.sft}): evaluating again", flush=True)
         force = True
     return run_stage(config, SPEC, force, lambda out, result, inputs: _evaluate(config, out, result, *inputs),
                      inputs=lambda out: _inputs(config))
@@ -150,7 +165,7 @@ def _inputs(config: Config) -> tuple[list[dict], Constitution]:
 
 def _evaluate(config: Config, out: StageOutput, result: StageResult, prompts: list[dict],
               constitution: Constitution) -> None:
-    models = {"base": config.model.name, "trained": StageOutput(config.run.output_dir, config.policy_stage).path()}
+    models = evaluated_models(config)
     for label, model in models.items():
         _generate(config, out, label, model, prompts)
     _judge(config, out, constitution, models)
@@ -159,9 +174,11 @@ def _evaluate(config: Config, out: StageOutput, result: StageResult, prompts: li
     summary = {"base_model": config.model.name, "trained_model": models["trained"], "samples": cfg.samples,
                "score": "DPO implicit reward" if config.policy.method == "dpo" else "preference model",
                "judge": judge_name(config.model_copy(update={"judge": cfg.judge})), **summarise(rows)}
+    if "sft" in models:  # what SFT alone added (the final model's numbers above: SFT then RL)
+        summary.update(sft_model=models["sft"], sft=summarise(rows, "sft"))
     out.write_json("summary.json", summary)
     result.rows_in, result.rows_out = len(prompts), len(rows)
-    result.extra = {"trained_model": models["trained"],
+    result.extra = {"trained_model": models["trained"], "sft_model": models.get("sft"),
                     **{split: {k: v["mean"] if "mean" in v else v for k, v in s.items()
                                if k in ("pm_delta", "win_rate", "length_change")}
                        for split, s in summary["overall"].items()}}
@@ -170,6 +187,19 @@ def _evaluate(config: Config, out: StageOutput, result: StageResult, prompts: li
               f"(shift {s['pm_delta']['mean']:+.3f} [{s['pm_delta']['lo']:+.3f}, {s['pm_delta']['hi']:+.3f}]), "
               f"win rate {s['win_rate']['mean']:.3f} [{s['win_rate']['lo']:.3f}, {s['win_rate']['hi']:.3f}], "
               f"length {s['length_base']['mean']:.1f} -> {s['length_trained']['mean']:.1f} words", flush=True)
+    for split, s in (summary.get("sft") or {}).get("overall", {}).items():
+        print(f"[evaluate] {split}, SFT alone: PM score shift {s['pm_delta']['mean']:+.3f} "
+              f"[{s['pm_delta']['lo']:+.3f}, {s['pm_delta']['hi']:+.3f}], win rate over base "
+              f"{s['win_rate']['mean']:.3f}", flush=True)
+
+
+def evaluated_models(config: Config) -> dict[str, str]:
+    """label -> model: the base, the final model (train-ppo's policy/ or train-dpo's dpo/) and, with policy.sft,
+    train-sft's sft/."""
+    models = {"base": config.model.name, "trained": StageOutput(config.run.output_dir, config.policy_stage).path()}
+    if config.policy.sft:
+        models["sft"] = config.start_model
+    return models
 
 
 def _generate(config: Config, out: StageOutput, label: str, model: str, prompts: list[dict]) -> None:
@@ -198,10 +228,10 @@ def _judge(config: Config, out: StageOutput, constitution: Constitution, models:
     gens = {label: {r["message_id"]: r for r in out.read("_work", label, schema=schemas.EVAL_GENERATIONS).to_pylist()}
             for label in models}
     scored = out.ids("message_id")
-    joined = [{**b, "base_outputs": b["outputs"], "base_finish": b["finish_reasons"], "base_tokens": b["output_tokens"],
-               "trained_outputs": gens["trained"][m]["outputs"], "trained_finish": gens["trained"][m]["finish_reasons"],
-               "trained_tokens": gens["trained"][m]["output_tokens"]}
-              for m, b in sorted(gens["base"].items()) if m in gens["trained"] and m not in scored]
+    joined = [{**gens["base"][m], **{f"{label}_{key}": gens[label][m][column] for label in models
+                                      for key, column in (("outputs", "outputs"), ("finish", "finish_reasons"),
+                                                          ("tokens", "output_tokens"))}}
+              for m in sorted(gens["base"]) if all(m in g for g in gens.values()) and m not in scored]
     if not joined:
         return
     judged = config.model_copy(update={"judge": config.evaluate.judge})

@@ -90,12 +90,12 @@ def transcripts_html(rows: list[dict], n: int = 2) -> str:
         for models in msgs:
             any_row = next(iter(models.values()))
             cols = []
-            for name in ("base", "trained"):
+            for name in ("base", "sft", "trained") if "sft" in models else ("base", "trained"):
                 r = models.get(name)
                 if r is None:
                     cols.append(f"<div class='resp'><h4>{name}</h4><p class='na'>missing</p></div>")
                     continue
-                extra = f", win prob {fmt(r.get('win_prob'))}" if name == "trained" else ""
+                extra = f", win prob {fmt(r.get('win_prob'))}" if name != "base" else ""
                 cols.append(f"<div class='resp'><h4>{name} (PM reward {fmt(r.get('reward'))}{extra})</h4>"
                             f"<pre>{esc(str(r.get('response', '')))}</pre></div>")
             parts.append(f"<div class='transcript'><div class='prompt'><h4>prompt</h4>"
@@ -104,17 +104,43 @@ def transcripts_html(rows: list[dict], n: int = 2) -> str:
     return "".join(parts)
 
 
+def sft_html(sft: dict, summary: dict) -> str:
+    """train-sft's held-out NLL before and after, per trait, and what each stage added on evaluation's messages:
+    the SFT model against the base, then the final model (SFT then RL) against the base."""
+    esc = html.escape
+    numbers = numbers_html([(k, sft.get(k)) for k in ("source", "system_prompt", "train_examples", "eval_examples",
+                                                      "eval_nll_before", "eval_nll", "steps")])
+    before = sft.get("per_trait_nll_before") or {}
+    traits = "".join(f"<tr><th>{esc(t)}</th><td>{fmt(before.get(t))}</td><td>{fmt(v)}</td></tr>"
+                     for t, v in sorted((sft.get("per_trait_nll") or {}).items()))
+    rows = []
+    for label, block in (("SFT vs base", (summary.get("sft") or {}).get("overall") or {}),
+                         ("final vs base", summary.get("overall") or {})):
+        for split, g in sorted(block.items()):
+            cells = "".join(f'<td data-key="{esc(f"{label}.{split}.{k}")}">{fmt(dig(g, k))}</td>'
+                            for k in ("pm_delta.mean", "pm_delta.lo", "pm_delta.hi", "win_rate.mean",
+                                      "length_change.mean"))
+            rows.append(f"<tr><th>{esc(label)}</th><th>{esc(split)}</th>{cells}</tr>")
+    stages = ("<table id='stage-gains'><thead><tr><th>models</th><th>split</th><th>score shift</th><th>lo</th>"
+              "<th>hi</th><th>win rate</th><th>length change</th></tr></thead><tbody>" + "".join(rows)
+              + "</tbody></table>") if rows else ""
+    return (numbers + "<h3>Held-out NLL per answer token, per trait</h3><table id='sft-nll'><thead><tr><th>trait</th>"
+            f"<th>before</th><th>after</th></tr></thead><tbody>{traits}</tbody></table>"
+            + ("<h3>What each stage added</h3>" + stages if stages else ""))
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1300px;padding:0 1em;color:#222}
 section{margin:2em 0;border-top:1px solid #ddd}img{max-width:100%}nav a{margin-right:1em}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 .na{color:#888;font-style:italic}dl.nums{display:grid;grid-template-columns:max-content max-content;gap:2px 12px}
-dd{margin:0;font-family:monospace}.pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}
+dd{margin:0;font-family:monospace}.pair{display:grid;grid-auto-columns:1fr;grid-auto-flow:column;gap:1em}
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:0}.transcript{margin:1em 0}h4{margin:.3em 0}
 td.text{text-align:left}"""
 
 
 def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
-    """inputs: summary, eval_rows, ppo (list|None), pm (dict|None), dpo (dict|None), preferences, messages, responses
+    """inputs: summary, eval_rows, ppo (list|None), pm (dict|None), dpo (dict|None), sft (dict|None), preferences,
+    messages, responses
     (dict|None). Returns the page and the number of figures in it."""
     summary, groups = inputs["summary"], (inputs["summary"].get("groups") or {})
     sections, figures = [], 0
@@ -158,6 +184,9 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
                 numbers_html([(k, dpo.get(k)) for k in ("eval_accuracy", "eval_loss", "eval_mean_margin",
                                                         "eval_reward_chosen", "eval_reward_rejected", "eval_pairs",
                                                         "beta", "steps", "reference")]))
+    sft = inputs.get("sft")
+    if sft:
+        section("sft", "Supervised fine-tuning (train-sft)", None, None, sft_html(sft, summary))
     pref = inputs.get("preferences")
     judge = str((pref or {}).get("judge", ""))
     note = ("<p>The judge is a contrast judge (log p(answer | trait) &minus; log p(answer | no trait)): it scores "
@@ -205,6 +234,7 @@ def _report(config: Config, out: StageOutput, result: StageResult, n: int) -> No
         "ppo": read_ppo_metrics(read_text(output_dir, "policy", "metrics.jsonl")),
         "pm": read_json(output_dir, "pm", "metrics.json"),
         "dpo": read_json(output_dir, "dpo", "metrics.json"),
+        "sft": read_json(output_dir, "sft", "metrics.json"),
         "preferences": read_json(output_dir, "preferences", "stats.json"),
         "messages": read_json(output_dir, "messages", "stats.json"),
         "responses": read_json(output_dir, "responses", "stats.json"),

@@ -7,9 +7,9 @@ through the pairs with the loop train-pm uses (character/training/pairs.py: data
 non-finite guard, checkpoints and resume). The loss is losses.dpo_loss on the pair's soft label (the
 Bradley-Terry target; conservative DPO's label smoothing with epsilon = 1 - p), plus `dpo.nll_coef` times
 the chosen response's per-token NLL. The reference log-probs are those of the policy before its first update
-(the reference is the base model), computed once for every pair and carried in every checkpoint
-(dpo.precompute_reference, the default: benchmarks/recipes.py measures it against a frozen reference engine
-scoring each batch). Output: dpo/ (save_pretrained, or the adapter with LoRA) and dpo/metrics.json with
+(the reference is the model it starts from: the base model, or train-sft's sft/ with policy.sft), computed
+once for every pair and carried in every checkpoint (dpo.precompute_reference, the default: benchmarks/recipes.py
+measures it against a frozen reference engine scoring each batch). Output: dpo/ (save_pretrained, or the adapter with LoRA) and dpo/metrics.json with
 held-out preference accuracy and implicit-reward margins.
 """
 from __future__ import annotations
@@ -90,7 +90,8 @@ def train_loop(loop_config: dict) -> None:
     train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction, loop_config.get("review_marks"))
     world = torch.distributed.get_world_size()
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
-    base, dtype = resolve_model(config.model.name), getattr(torch, config.train_dtype)
+    # The policy's start and its reference: the base model, or sft/ with policy.sft.
+    base, dtype = resolve_model(config.start_model), getattr(torch, config.train_dtype)
     model = lora.wrap(build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds),
                       config.train.lora, "policy")
     engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=adamw(
@@ -131,9 +132,10 @@ def train_loop(loop_config: dict) -> None:
     plain_model_construction()
     if training.rank == 0:
         lora.export("policy", config.train.lora, AutoModelForCausalLM, model.config, weights, tokenizer,
-                    StageOutput(config.run.output_dir, SPEC.output).uri, config.model.name, config.export.merged,
+                    StageOutput(config.run.output_dir, SPEC.output).uri, config.start_model, config.export.merged,
                     files={"metrics.json": {**summary, "eval_pairs_total": len(held), "beta": cfg.beta,
                                             "reference": "precomputed" if table is not None else "online",
+                                            "reference_model": config.start_model,
                                             **lora.parameter_counts(model)}})
 
 

@@ -69,7 +69,7 @@ def train_loop(loop_config: dict) -> None:
     cfg, seed = config.pm, config.run.seed
     setup_distributed(config.train.use_gpu)
     torch.manual_seed(seed)
-    base = cfg.base_model or config.model.name
+    base = cfg.base_model or config.start_model  # sft/ with policy.sft
     tokenizer = load_tokenizer(base)
     train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction, loop_config.get("review_marks"))
     world = torch.distributed.get_world_size()
@@ -107,7 +107,7 @@ def _export(config: Config, model, weights: dict, tokenizer, metrics: dict) -> N
     from transformers import AutoModelForSequenceClassification
 
     lora.export("pm", config.train.lora, AutoModelForSequenceClassification, model.config, weights, tokenizer,
-                StageOutput(config.run.output_dir, SPEC.output).uri, config.pm.base_model or config.model.name,
+                StageOutput(config.run.output_dir, SPEC.output).uri, config.pm.base_model or config.start_model,
                 merged=True, files={"metrics.json": metrics})
 
 

@@ -58,7 +58,7 @@ def _train(config: Config, out: StageOutput, result: StageResult, prompts: tuple
     gpus = config.engine.num_gpus_per_actor if resolved_device(config.engine) == "cuda" else 0
     actor = ray.remote(num_cpus=config.engine.num_cpus_per_actor, num_gpus=gpus, max_restarts=2)(RolloutEngine)
     engines = [actor.options(runtime_env={"env_vars": engine_env(config.engine)}).remote(
-        config.model.name, config.model.dtype, config.engine.model_dump(), config.run.seed)
+        config.start_model, config.model.dtype, config.engine.model_dump(), config.run.seed)
         for _ in range(config.ppo.rollout_engines)]
     try:
         trainer_for(config, ppo_loop, {"config": config.model_dump(mode="json"), "engines": engines},

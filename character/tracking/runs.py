@@ -115,15 +115,14 @@ def _user() -> str:
 
 
 def recipe(config: Config) -> str:
-    return recipe_name(config.policy.method, config.ppo.advantage)
+    return recipe_name(config.policy.method, config.ppo.advantage, config.policy.sft)
 
 
-def recipe_name(method: str | None, advantage: str | None) -> str:
+def recipe_name(method: str | None, advantage: str | None, sft: bool | None = False) -> str:
     """"dpo", "ppo" (with a critic), "grpo" or "rloo" (critic-free), from policy.method and ppo.advantage (None:
-    the defaults, for configs written before either existed)."""
-    if method == "dpo":
-        return "dpo"
-    return "ppo" if advantage in (None, "gae") else advantage
+    the defaults, for configs written before either existed), after "sft+" with policy.sft."""
+    name = "dpo" if method == "dpo" else "ppo" if advantage in (None, "gae") else advantage
+    return f"sft+{name}" if sft else name
 
 
 def parent_run(config: Config) -> str | None:

@@ -141,19 +141,22 @@ def trainer_for(config: Config, train_loop, loop_config: dict, name: str):
 
 # The settings a checkpoint depends on, per training stage: resuming it under others would silently mix two
 # runs (a reported failure of other RL frameworks). Worker counts are absent on purpose: both stages resume
-# on another number of workers (the data position counts examples).
+# on another number of workers (the data position counts examples). policy.sft: the model a stage starts from.
 RESUME_SETTINGS = {
     "pm": ("model.name", "pm.base_model", "run.seed", "pm.micro_batch_size", "pm.grad_accum", "pm.lr",
            "pm.weight_decay", "pm.max_length", "pm.margin", "pm.eval_fraction", "train.dtype",
-           "train.deepspeed_config", "train.lora"),
-    "policy": ("model.name", "run.seed", "ppo.reward", "ppo.advantage", "ppo.policy_loss", "ppo.samples_per_prompt", "ppo.group_std",
-               "ppo.kl_penalty", "ppo.critic_init", "ppo.prompts_per_iteration",
+           "train.deepspeed_config", "train.lora", "policy.sft"),
+    "policy": ("model.name", "policy.sft", "run.seed", "ppo.reward", "ppo.advantage", "ppo.policy_loss",
+               "ppo.samples_per_prompt", "ppo.group_std", "ppo.kl_penalty", "ppo.critic_init", "ppo.prompts_per_iteration",
                "ppo.minibatch_size", "ppo.ppo_epochs", "ppo.lr", "ppo.critic_lr", "ppo.kl_coef", "ppo.kl_target",
                "ppo.kl_estimator", "ppo.sampling", "ppo.max_prompt_tokens", "ppo.eval_fraction", "train.dtype",
                "train.deepspeed_config", "train.lora"),
-    "dpo": ("model.name", "run.seed", "dpo.micro_batch_size", "dpo.grad_accum", "dpo.lr", "dpo.weight_decay",
-            "dpo.max_length", "dpo.eval_fraction", "dpo.beta", "dpo.soft_labels", "dpo.nll_coef",
+    "dpo": ("model.name", "policy.sft", "run.seed", "dpo.micro_batch_size", "dpo.grad_accum", "dpo.lr",
+            "dpo.weight_decay", "dpo.max_length", "dpo.eval_fraction", "dpo.beta", "dpo.soft_labels", "dpo.nll_coef",
             "dpo.precompute_reference", "train.dtype", "train.deepspeed_config", "train.lora"),
+    "sft": ("model.name", "run.seed", "sft.source", "sft.system_prompt", "sft.revision", "sft.micro_batch_size",
+            "sft.grad_accum", "sft.lr", "sft.weight_decay", "sft.max_length", "sft.eval_fraction", "train.dtype",
+            "train.deepspeed_config", "train.lora"),
 }
 
 

@@ -30,6 +30,14 @@ def chosen_nll(logp_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
     return (-logp_sum / n_tokens.clamp(min=1)).mean()
 
 
+def completion_nll(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning's loss on the answer's tokens only (TRL's completion-only loss): the mean negative
+    log-likelihood over the tokens `mask` flags (per-token log-probs [B, T], mask [B, T] with 1 on answer
+    tokens, 0 on the prompt's and padding), every answer token of the micro-batch weighted alike, as TRL and
+    Hugging Face's causal-LM loss average."""
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
 def zero_variance_groups(scores: torch.Tensor) -> torch.Tensor:
     """Per group [G]: True where every sample scored the same (its advantages are all 0)."""
     return scores.amax(-1) == scores.amin(-1)

@@ -51,7 +51,8 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
 
 class ImplicitReward:
     """DPO's implicit reward of a response, beta * (log pi(y | x) - log ref(y | x)), from the trained policy
-    (a folder or URI: train-dpo's export, full or adapter) and the reference (the base model): what evaluate
+    (a folder or URI: train-dpo's export, full or adapter) and the reference (the model train-dpo started from:
+    the base model, or sft/ with policy.sft): what evaluate
     scores with after train-dpo, where no preference model is trained (README, "Recipes")."""
 
     def __init__(self, policy_dir: str, reference: str, beta: float, max_length: int, batch_size: int):
@@ -79,7 +80,7 @@ def evaluation_scorer(config: Config):
     """evaluate's score of a response: the preference model (policy.method ppo), or the DPO implicit reward
     (dpo, which trains no PM)."""
     if config.policy.method == "dpo":
-        return ImplicitReward(StageOutput(config.run.output_dir, config.policy_stage).path(), config.model.name,
+        return ImplicitReward(StageOutput(config.run.output_dir, config.policy_stage).path(), config.start_model,
                               config.dpo.beta, config.dpo.max_length, config.ppo.forward_batch_size)
     return RewardModel(StageOutput(config.run.output_dir, "pm").path(), config.pm.max_length,
                        config.ppo.forward_batch_size)

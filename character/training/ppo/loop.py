@@ -309,7 +309,7 @@ class PPOWorker:
         plain_model_construction()
         if self.rank == 0:
             lora.export("policy", self.adapters, AutoModelForCausalLM, self.policy_model.config, weights,
-                        self.tokenizer, self.out.uri, self.config.model.name, self.config.export.merged)
+                        self.tokenizer, self.out.uri, self.config.start_model, self.config.export.merged)
         self.metrics_log.close()
 
 

@@ -34,7 +34,7 @@ def build_models(config: Config, world: int):
     cfg, dtype = config.ppo, getattr(torch, config.train_dtype)
     micro = min(cfg.forward_batch_size, cfg.minibatch_size)
     ds = deepspeed_config(config.train, micro, cfg.minibatch_size // micro, world, config.train_dtype)
-    base = resolve_model(config.model.name)
+    base = resolve_model(config.start_model)  # sft/ with policy.sft: the policy, its reference and critic start there
     adapters = config.train.lora
     policy_model = lora.wrap(build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds),
                              adapters, "policy")
