@@ -41,12 +41,19 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str]
     the number of those tokens: fp32 [N], [N]. Truncated as the PM's inputs (pm_data.encode_response). One
     forward of all N rows: the caller bounds N."""
     parts = [encode_prompt_and_response(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
-    roll = ppo.build_rollouts([h for h, _ in parts], [t for _, t in parts], tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    ids, mask = roll.input_ids.to(device), roll.mask.to(device)
-    logits = model(input_ids=ids, attention_mask=roll.attention_mask.to(device)).logits
-    logp = ppo.logprobs_and_entropy(logits, ids, chunk, with_entropy=False)[0]
+    logp, mask = answer_token_logprobs(model, parts, tokenizer.pad_token_id, chunk)
     return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def answer_token_logprobs(model, parts: list[tuple[list[int], list[int]]], pad_id: int, chunk: int = 128):
+    """Per-token log-probs [B, T] of (prompt ids, answer ids) sequences and the mask of the answer's tokens [B, T]
+    (1 on them, 0 on the prompt's and on padding), from one forward of all rows (the caller bounds them): what
+    `response_logprobs` sums and SFT's completion-only loss averages."""
+    roll = ppo.build_rollouts([h for h, _ in parts], [t for _, t in parts], pad_id)
+    device = next(model.parameters()).device
+    ids = roll.input_ids.to(device)
+    logits = model(input_ids=ids, attention_mask=roll.attention_mask.to(device)).logits
+    return ppo.logprobs_and_entropy(logits, ids, chunk, with_entropy=False)[0], roll.mask.to(device)
 
 
 class ImplicitReward:

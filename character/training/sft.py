@@ -13,7 +13,7 @@ from character.judging.ranking import best_candidates
 from character.judging.revision import REVISIONS
 from character.review.marks import load_marks
 from character.training.pairs import gather_pair_scores
-from character.training.ppo import rollouts as ppo
+from character.training.scoring import answer_token_logprobs
 
 
 def candidates_to_train(config: Config, marks) -> tuple[list[dict], list[dict]]:
@@ -47,16 +47,11 @@ def load_targets(config: Config, marks=None) -> tuple[list[dict], list[dict], li
     return train, held, set_aside
 
 
-def target_logprobs(model, tokenizer, rows: list[dict], systems: dict[str, str], max_length: int, chunk: int = 128):
-    """Per-token log-probs of each target's answer [B, T] and the mask of the answer's tokens [B, T] (1 on them, 0
-    on the prompt's and on padding): what losses.completion_nll and the held-out NLL read. One forward of all
-    rows: the caller bounds them."""
+def target_logprobs(model, tokenizer, rows: list[dict], systems: dict[str, str], max_length: int):
+    """Per-token log-probs of each target's answer [B, T] and the mask of the answer's tokens [B, T]: what
+    losses.completion_nll and the held-out NLL read (scoring.answer_token_logprobs: one forward of all rows)."""
     parts = [encode_target(tokenizer, r, systems.get(r["trait"], ""), max_length) for r in rows]
-    roll = ppo.build_rollouts([h for h, _ in parts], [t for _, t in parts], tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    ids = roll.input_ids.to(device)
-    logits = model(input_ids=ids, attention_mask=roll.attention_mask.to(device)).logits
-    return ppo.logprobs_and_entropy(logits, ids, chunk, with_entropy=False)[0], roll.mask.to(device)
+    return answer_token_logprobs(model, parts, tokenizer.pad_token_id)
 
 
 def held_out_nll(model, tokenizer, held: list[dict], systems: dict[str, str], max_length: int, batch: int,
