@@ -22,8 +22,8 @@ from character.execution.runtime import StageResult
 from character.models import lora
 from character.models.loading import load_tokenizer, resolve_model
 from character.models.lora import adapter_disabled
-from character.training.deepspeed_setup import (adamw, build_under_zero, deepspeed_config, frozen_engine,
-                                                full_state_dict, plain_model_construction, setup_distributed)
+from character.training.deepspeed_setup import (build_under_zero, deepspeed_config, frozen_engine, full_state_dict,
+                                                plain_model_construction, setup_distributed, trainable_policy)
 from character.training.losses import chosen_nll, dpo_loss
 from character.training.pairs import PairTraining, gather_pair_scores, load_pairs, pair_metrics
 from character.training.scoring import response_logprobs
@@ -78,7 +78,6 @@ def reference_table(engine, tokenizer, rows: list[dict], cfg, rank: int, world: 
 
 
 def train_loop(loop_config: dict) -> None:
-    import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -91,19 +90,16 @@ def train_loop(loop_config: dict) -> None:
     world = torch.distributed.get_world_size()
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
     # The policy's start and its reference: the base model, or sft/ with policy.sft.
-    base, dtype = resolve_model(config.start_model), getattr(torch, config.train_dtype)
-    model = lora.wrap(build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds),
-                      config.train.lora, "policy")
-    engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=adamw(
-        lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay))
-    engine.train()
+    engine, model = trainable_policy(config.start_model, config.train, ds, config.train_dtype, lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay)
     training = PairTraining(config, cfg, {"policy": engine}, train, SPEC.output, loop_config.get("tracking"))
     table = None
     if cfg.precompute_reference:
         table = training.state.get("reference") or reference_table(engine, tokenizer, train + held, cfg,
                                                                   training.rank, training.world)
-    frozen = None if cfg.precompute_reference or config.train.lora.enabled else frozen_engine(
-        build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds), ds)
+    frozen = None if cfg.precompute_reference or config.train.lora.enabled else frozen_engine(build_under_zero(
+        lambda: AutoModelForCausalLM.from_pretrained(resolve_model(config.start_model),
+                                                     dtype=getattr(torch, config.train_dtype)), ds), ds)
     reference = _Reference(engine, frozen, tokenizer, cfg, table)
 
     def labels(rows):

@@ -26,11 +26,11 @@ from character.execution.stage_run import run_stage
 from character.inference.engine import engine_sized_blocks, generation_pool_args
 from character.judging.revision import REVISIONS, Reviser
 from character.models import lora
-from character.models.loading import load_tokenizer, resolve_model
+from character.models.loading import load_tokenizer
 from character.review.marks import active_constitution, load_marks, review_fingerprint
 from character.training.checkpoints import check_resume_settings, trainer_for
-from character.training.deepspeed_setup import (adamw, build_under_zero, deepspeed_config, full_state_dict,
-                                                plain_model_construction, setup_distributed)
+from character.training.deepspeed_setup import (deepspeed_config, full_state_dict, plain_model_construction,
+                                                setup_distributed, trainable_policy)
 from character.training.losses import completion_nll
 from character.training.pairs import PairTraining
 from character.training.sft import candidates_to_train, held_out_nll, load_targets, target_logprobs
@@ -40,7 +40,6 @@ SPEC = spec_of(__name__)
 
 
 def train_loop(loop_config: dict) -> None:
-    import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,12 +52,8 @@ def train_loop(loop_config: dict) -> None:
     systems = system_prompts(Constitution.model_validate_json(loop_config["constitution"]), cfg.system_prompt)
     world = torch.distributed.get_world_size()
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
-    dtype = getattr(torch, config.train_dtype)
-    model = lora.wrap(build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(
-        resolve_model(config.model.name), dtype=dtype), ds), config.train.lora, "policy")
-    engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=adamw(
-        lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay))
-    engine.train()  # from_pretrained returns eval mode: LoRA dropout would apply only after the first evaluation
+    engine, model = trainable_policy(config.model.name, config.train, ds, config.train_dtype, lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay)
     training = PairTraining(config, cfg, {"policy": engine}, train, SPEC.output, loop_config.get("tracking"))
 
     def evaluate() -> dict:

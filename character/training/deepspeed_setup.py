@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 from character.core.config import ConfigError, TrainConfig
+from character.models import lora
+from character.models.loading import resolve_model
 
 
 def read_deepspeed_json(path: str) -> dict:
@@ -75,6 +77,23 @@ def setup_distributed(use_gpu: bool) -> None:
         # Every init_distributed would JIT-compile the shm comm op (~80 s) that ZeRO over gloo never uses.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray Train's group
+
+
+def trainable_policy(model_name: str, train: TrainConfig, ds: dict, dtype: str, **optimizer):
+    """A causal LM (the policy of train-sft, train-dpo and train-ppo) from `model_name`, built under ZeRO-3 where
+    `ds` asks for it, with train.lora's adapters, in a DeepSpeed engine whose AdamW (`optimizer`: lr, ...)
+    steps its trainable parameters, in training mode (from_pretrained returns eval mode: LoRA dropout would
+    apply only after the first evaluation). Returns (the engine, the model it wraps)."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path, torch_dtype = resolve_model(model_name), getattr(torch, dtype)
+    model = lora.wrap(build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype), ds),
+                      train.lora, "policy")
+    engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=adamw(lora.trainable(model), **optimizer))
+    engine.train()
+    return engine, model
 
 
 def build_under_zero(factory, ds: dict):

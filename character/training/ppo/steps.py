@@ -11,7 +11,8 @@ from character.core.store import StageOutput
 from character.models import lora
 from character.models.loading import resolve_model
 from character.models.lora import adapter_disabled
-from character.training.deepspeed_setup import adamw, build_under_zero, deepspeed_config, frozen_engine
+from character.training.deepspeed_setup import (adamw, build_under_zero, deepspeed_config, frozen_engine,
+                                                trainable_policy)
 from character.training.estimators import AdvantageInputs, estimator, policy_loss, uses_critic
 from character.training.losses import clipped_value_loss, kl_per_token, masked_mean, zero_variance_groups
 from character.training.ppo import rollouts as ppo
@@ -27,7 +28,6 @@ def build_models(config: Config, world: int):
     base is the PM (ppo.critic_init: pm), whose weights are not the policy's, so one shared base would
     fit only critic_init: policy, and would tie both into one DeepSpeed engine (one optimizer, one learning
     rate, one ZeRO partitioning). The reference is the policy with its adapter disabled: no second copy."""
-    import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -36,12 +36,8 @@ def build_models(config: Config, world: int):
     ds = deepspeed_config(config.train, micro, cfg.minibatch_size // micro, world, config.train_dtype)
     base = resolve_model(config.start_model)  # sft/ with policy.sft: the policy, its reference and critic start there
     adapters = config.train.lora
-    policy_model = lora.wrap(build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds),
-                             adapters, "policy")
-    policy, *_ = deepspeed.initialize(model=policy_model, config=ds,
-                                      optimizer=adamw(lora.trainable(policy_model), lr=cfg.lr))
+    policy, policy_model = trainable_policy(config.start_model, config.train, ds, config.train_dtype, lr=cfg.lr)
     critic = build_critic(config, ds, dtype, base) if uses_critic(cfg) else None
-    policy.train()  # from_pretrained returns eval mode: LoRA dropout would never apply
     reference = None if adapters.enabled else frozen_engine(
         build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds), ds)
     scorer = SequenceScorer(config, build=lambda factory: frozen_engine(build_under_zero(factory, ds), ds))
