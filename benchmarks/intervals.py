@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 
 from character.reporting.evalstats import Z95, clustered_mean, wilson, win_rates
-from character.stages.evaluate import paired_samples
+from character.reporting.eval_summary import paired_samples
 from character.core.store import StageOutput
 
 

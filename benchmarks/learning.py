@@ -1,34 +1,35 @@
-"""Known-signal learning check: does PPO put a rule a reader can check into SmolLM2-135M-Instruct?
+"""Does the main job train character? An ablation of its recipe over seeds, on the main job's data.
 
-The rule (for the trait about being an AI, `ai_nature`): an answer scores 1 if it contains the word "AI"
-in any case (as in "As an AI, I don't eat"), else 0 — `judge.rule: {type: keywords, words: [AI], max_count: 1}`.
-Steps, all through the real stages on configs/small.yaml narrowed to that one trait:
-
-  1. `synthesize` writes messages for the trait (real Ray Data + vLLM, as the main job);
-  2. `train-ppo` trains the policy with that rule as the reward (ppo.reward=rule, critic initialised from
-     the policy, KL to the reference as configured) on the training messages; messages are split by
-     message_id and the held-out ones are never trained on;
-  3. here: base and trained model each answer every held-out message `--samples` times (vLLM, the same
-     per-message seeds and sampling for both), and the rule is applied to every answer.
-
-Reported: the rule's hit rate of base and of trained, and their difference with a 95 % interval that
-respects the design: the answers to one message are not independent, so the difference is averaged per
-message first and the interval is a t interval over messages (df = messages - 1). The change counts as
-shown when that interval excludes zero. Also the PPO curve (held-out rule reward per evaluation, KL)
-from policy/metrics.jsonl, and examples of base vs trained answers. Everything lands in
-<run>/learning.json. Takes tens of minutes on a 2-core box; not part of CI.
+The data stages (synthesize, respond, rank) run once, as the main job runs them (run.seed --data-seed), in
+<out>/data. Per training seed k each recipe then runs in its own folder, <out>/seed<k>/<recipe>, with run.seed=k
+(sampling, data order, initialisation of the trained stages and evaluate's sampling), from a copy of that data and
+of the trained stages it shares with the main recipe of the same seed (sft/ and pm/, which it trains
+identically), through the real `character run` in a subprocess; its eval/summary.json gives the row. The
+recipes:
+  main      configs/small.yaml as it is: train-sft, the preference model, GRPO on the PM's reward;
+  no_sft    policy.sft=false: the PM and GRPO from the base model;
+  sft_only  the main recipe's SFT model against the base (its summary's `sft` block; no run of its own);
+  judge     ppo.reward=judge: GRPO on the contrast judge's own score, no PM in between ("direct RLAIF");
+  ppo       ppo.advantage=gae: PPO with a critic (from the PM) on the same 16 sequences per iteration, KL in the reward.
+Columns: per trait the held-out trait-score shift, then the probe shift (all traits), capability of the trained
+model, identical share, KL to the base, the PM's validation accuracy [Wilson interval] and the recipe's minutes
+(the seconds of every stage it ran or reused, from their _SUCCESS records). Each cell is the mean over seeds;
+"k/n" counts the seeds whose 95 % interval lies above zero. Everything lands in <out>/learning.json, and the
+table in <out>/learning.md (the README's copy). Not part of CI: about 55 minutes per seed on a 2-core box, with
+nothing else running.
 
 Run (from the repository root):
-  .venv/bin/python benchmarks/learning.py                       # full: 80 messages, 8 PPO iterations (~11 min)
-  .venv/bin/python benchmarks/learning.py --iterations 2 --messages 24 --samples 2   # quick check
+  .venv/bin/python benchmarks/learning.py                          # 3 seeds, every recipe
+  .venv/bin/python benchmarks/learning.py --seeds 0 --recipes main sft_only    # one seed, two recipes
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,102 +39,153 @@ if __package__ != "benchmarks":  # run as `python benchmarks/learning.py`: the r
 
 from benchmarks._harness import ROOT  # noqa: E402
 
-RULE_WORD = "AI"
+DATA = ("messages", "responses", "preferences")
+RECIPES = {  # name -> (overrides, outputs copied from the main recipe of the same seed)
+    "main": ([], ()),
+    "no_sft": (["policy.sft=false"], ()),
+    "sft_only": None,  # read from the main recipe's summary
+    "judge": (["ppo.reward=judge"], ("sft", "pm")),
+    "ppo": (["ppo.advantage=gae", "ppo.samples_per_prompt=1", "ppo.prompts_per_iteration=16", "ppo.kl_penalty=reward",
+             "ppo.kl_estimator=k1", "ppo.critic_init=pm"], ("sft", "pm")),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"))
     p.add_argument("--output-dir", default=str(ROOT / "runs" / "learning"))
-    p.add_argument("--messages", type=int, default=80, help="synthesised messages for the trait")
-    p.add_argument("--iterations", type=int, default=8, help="PPO iterations")
-    p.add_argument("--samples", type=int, default=4, help="answers per held-out message and model")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--kl-coef", type=float, default=0.02)
-    p.add_argument("overrides", nargs="*", help="further dotted config overrides")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--data-seed", type=int, default=0, help="run.seed of the data stages (the main job's: 0)")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every recipe")
     return p.parse_args(argv)
 
 
-def t_interval(diffs: list[float], level: float = 0.95) -> dict:
-    """Mean of per-message differences with a t interval over messages."""
-    from scipy import stats
+def character_run(config: str, run_dir: Path, overrides: list[str], stage: str = "run") -> float:
+    """`character run` (or one stage) on `run_dir`, whose finished stages are skipped; the wall seconds."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [str(ROOT / ".venv" / "bin" / "character"), stage, "--config", config, f"run.output_dir={run_dir}",
+           *overrides]
+    t0 = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - t0
 
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": n}
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+def stage_seconds(run_dir: Path) -> float:
+    """Seconds of every stage in `run_dir`, from its _SUCCESS record (copied stages included)."""
+    total = 0.0
+    for success in run_dir.glob("*/_SUCCESS"):
+        try:
+            total += float(json.loads(success.read_text() or "{}").get("seconds") or 0.0)
+        except (ValueError, AttributeError):
+            continue
+    return total
 
 
-def answers(model: str, config, rows: list[dict], samples: int) -> list[list[str]]:
-    """`samples` answers per message from `model`, with the evaluation's sampling settings and per-message seeds."""
-    import gc
+def wilson_of(accuracy: float | None, n: int | None) -> dict:
+    from character.reporting.evalstats import wilson
 
-    from character.inference.engine import create_llm, generate_chat
-    from character.models.loading import load_tokenizer
-    from character.core.store import seed_from_id
+    if accuracy is None or not n:
+        return {"p": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    return wilson(accuracy * n, n)
 
-    llm = create_llm(model, config.model.dtype, config.engine, config.run.seed)
-    tokenizer = load_tokenizer(model)
-    sampling = config.evaluate.sampling.model_copy(update={"n": samples})
-    results = generate_chat(llm, tokenizer, [""] * len(rows), [r["text"] for r in rows],
-                            [seed_from_id(r["message_id"], config.run.seed) for r in rows], sampling,
-                            config.engine.max_model_len)
-    del llm
-    gc.collect()
-    return [r["outputs"] for r in results]
+
+def recipe_row(summary: dict, pm: dict | None, minutes: float, block: str | None = None) -> dict:
+    """One recipe's numbers on one seed: `block` None reads the final model's, "sft" the SFT model's."""
+    s = summary if block is None else summary[block]
+    model = "trained" if block is None else block
+    held = s["overall"]["held_out"]
+    traits = {g["trait"]: g["trait_score_delta"] for g in s["groups"].values() if g["split"] == "held_out"}
+    capability = (summary.get("capability") or {}).get(model) or {}
+    return {"trait_score": {t: {k: v[k] for k in ("mean", "lo", "hi")} for t, v in sorted(traits.items())},
+            "probe": {k: held["probe_delta"][k] for k in ("mean", "lo", "hi")},
+            "capability": capability.get("accuracy"), "capability_kept": (summary.get("capability") or {}).get(
+                "kept", {}).get(model), "identical_share": held["identical_share"]["share"],
+            "kl": held["kl"]["mean"], "pm": wilson_of((pm or {}).get("eval_accuracy"), (pm or {}).get("eval_pairs")),
+            "minutes": minutes}
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _shift_cell(stats: list[dict]) -> str:
+    moved = sum(1 for s in stats if s["lo"] > 0)
+    return f"{_mean([s['mean'] for s in stats]):+.3f} ({moved}/{len(stats)})"
+
+
+def ablation_table(rows: dict[str, list[dict]]) -> str:
+    """Markdown: one line per recipe, each cell the mean over its seeds (k/n: seeds whose interval is above 0)."""
+    traits = sorted({t for seeds in rows.values() for r in seeds for t in r["trait_score"]})
+    head = ["recipe", "seeds", *[f"trait score: {t}" for t in traits], "probe", "capability", "identical",
+            "KL", "PM val. acc. [95 %]", "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, seeds in rows.items():
+        if not seeds:
+            continue
+        pm = [r["pm"] for r in seeds if r["pm"]["n"]]
+        pm_cell = (f"{_mean([p['p'] for p in pm]):.3f} [{_mean([p['lo'] for p in pm]):.3f}, "
+                   f"{_mean([p['hi'] for p in pm]):.3f}] of {round(_mean([p['n'] for p in pm]))}") if pm else "-"
+        cells = [name, str(len(seeds)),
+                 *[_shift_cell([r["trait_score"][t] for r in seeds if t in r["trait_score"]]) for t in traits],
+                 _shift_cell([r["probe"] for r in seeds]), f"{_mean([r['capability'] for r in seeds]):.3f}",
+                 f"{_mean([r['identical_share'] for r in seeds]):.2f}", f"{_mean([r['kl'] for r in seeds]):.2f}",
+                 pm_cell, f"{_mean([r['minutes'] for r in seeds]):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_data(args) -> Path:
+    data = Path(args.output_dir) / "data"
+    for stage in ("synthesize", "respond", "rank"):
+        character_run(args.config, data, [f"run.seed={args.data_seed}", *args.overrides], stage)
+    return data
+
+
+def run_seed(args, seed: int, data: Path) -> dict[str, dict]:
+    base = Path(args.output_dir) / f"seed{seed}"
+    base.mkdir(parents=True, exist_ok=True)
+    common = [f"run.seed={seed}", *args.overrides]
+    rows = {}
+    for name in [r for r in RECIPES if r in args.recipes or (r == "main" and {"sft_only", "judge", "ppo"} &
+                                                                 set(args.recipes))]:
+        if RECIPES[name] is None:
+            continue
+        overrides, shared = RECIPES[name]
+        run_dir = base / name
+        for folder in (*DATA, *shared):
+            source = (data if folder in DATA else base / "main") / folder
+            if not (run_dir / folder).exists():
+                shutil.copytree(source, run_dir / folder, ignore=shutil.ignore_patterns("_train", ".tmp*"))
+        character_run(args.config, run_dir, [*common, *overrides])
+        summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+        pm_metrics = run_dir / "pm" / "metrics.json"
+        pm = json.loads(pm_metrics.read_text()) if pm_metrics.exists() else None
+        if name in args.recipes:
+            rows[name] = recipe_row(summary, pm, stage_seconds(run_dir) / 60)
+        if name == "main" and "sft_only" in args.recipes:
+            sft_minutes = sum(float(json.loads((run_dir / f / "_SUCCESS").read_text()).get("seconds") or 0)
+                              for f in (*DATA, "sft")) / 60
+            rows["sft_only"] = recipe_row(summary, None, sft_minutes, "sft")
+    return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from character.core.config import load_config
-    from character.judging.judge import RuleJudge
-    from character.data.splits import HELD_OUT, read_messages
-    from character.stages import synthesize, train_ppo
-    from character.core.store import StageOutput
-
-    config = load_config(args.config, [
-        f"run.output_dir={args.output_dir}", "traits.only=[ai_nature]",
-        f"synthesize.messages_per_trait={args.messages}", "judge.kind=rule", "judge.rule.type=keywords",
-        f"judge.rule.words=[{RULE_WORD}]", "judge.rule.max_count=1", "ppo.reward=rule", "ppo.critic_init=policy",
-        f"ppo.iterations={args.iterations}", f"ppo.lr={args.lr}", f"ppo.kl_coef={args.kl_coef}",
-        "run.held_out_fraction=0.4", "ppo.eval_fraction=0.2", "ppo.eval_prompts=16", "ppo.eval_every=4", "ppo.ppo_epochs=1", *args.overrides])
-    started = time.time()
-    synthesize.run(config)
-    ppo = train_ppo.run(config)
-    held = read_messages(config.run.output_dir, (HELD_OUT,))  # never seen by PPO
-    policy = StageOutput(config.run.output_dir, "policy").path()
-    base_answers = answers(config.model.name, config, held, args.samples)
-    trained_answers = answers(policy, config, held, args.samples)
-    # Scored by the reward's own rule (judge.rule above: "AI" as a whole word, any case, counted once).
-    rule = RuleJudge(config.judge.rule)
-    base_hits = [[int(rule.score(a)) for a in xs] for xs in base_answers]
-    trained_hits = [[int(rule.score(a)) for a in xs] for xs in trained_answers]
-    paired = [(statistics.fmean(t), statistics.fmean(b)) for t, b in zip(trained_hits, base_hits) if t and b]
-    change = t_interval([t - b for t, b in paired])
-    metrics = [json.loads(x) for x in open(StageOutput(config.run.output_dir, "policy").path("metrics.jsonl"))]
-    result = {
-        "rule": f"the answer contains the word {RULE_WORD!r}", "held_out_messages": len(paired),
-        "samples_per_message": args.samples,
-        "hit_rate_base": statistics.fmean(b for _, b in paired), "hit_rate_trained": statistics.fmean(t for t, _ in paired),
-        "change": change, "shown": bool(change["lo"] > 0 or change["hi"] < 0),
-        "ppo_curve": [{k: m.get(k) for k in ("iteration", "reward", "kl", "eval_reward", "response_length")}
-                      for m in metrics],
-        "examples": [{"message": r["text"], "base": b[0], "trained": t[0]}
-                     for r, b, t in list(zip(held, base_answers, trained_answers))[:6] if b and t],
-        "ppo_seconds": ppo.seconds, "total_seconds": time.time() - started,
-    }
-    Path(config.run.output_dir, "learning.json").write_text(json.dumps(result, indent=2))
-    print(f"\nrule: {result['rule']}; {len(paired)} held-out messages x {args.samples} answers each")
-    print(f"hit rate: base {result['hit_rate_base']:.3f} -> trained {result['hit_rate_trained']:.3f}; change "
-          f"{change['mean']:+.3f}, 95% t interval over messages [{change['lo']:+.3f}, {change['hi']:+.3f}] -> "
-          f"{'SHOWN (excludes zero)' if result['shown'] else 'NOT shown (includes zero)'}")
-    print("PPO (iteration: train reward / KL / held-out reward): " + ", ".join(
-        f"{m['iteration']}: {m.get('reward', float('nan')):.2f}/{m.get('kl', float('nan')):.2f}"
-        + (f"/{m['eval_reward']:.2f}" if m.get("eval_reward") is not None else "") for m in metrics))
-    print(f"written {Path(config.run.output_dir, 'learning.json')} in {result['total_seconds']:.0f} s")
+    t0 = time.perf_counter()
+    data = run_data(args)
+    results = {seed: run_seed(args, seed, data) for seed in args.seeds}
+    by_recipe = {name: [results[s][name] for s in args.seeds if name in results[s]] for name in RECIPES}
+    table = ablation_table(by_recipe)
+    out = Path(args.output_dir)
+    (out / "learning.json").write_text(json.dumps({"config": args.config, "seeds": args.seeds,
+                                                    "data_seed": args.data_seed,
+                                                    "overrides": args.overrides, "results": results,
+                                                    "total_seconds": time.perf_counter() - t0}, indent=2))
+    (out / "learning.md").write_text(table + "\n")
+    print(table)
     return 0
 
 

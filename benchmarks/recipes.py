@@ -95,7 +95,7 @@ def kl_to_base(policy: str, base: str, prompts: list[str], answers: list[list[st
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from benchmarks.learning import answers, t_interval
+    from benchmarks.known_signal import answers, t_interval
     from character.core.config import load_config
     from character.judging.judge import RuleJudge
     from character.data.splits import HELD_OUT, read_messages

@@ -101,7 +101,7 @@ def shifts(rows: list[dict], base: list[list[float | None]], trained: list[list[
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from benchmarks.learning import answers
+    from benchmarks.known_signal import answers
     from character.core.config import load_config
     from character.stages import rank, respond, synthesize, train_sft
 

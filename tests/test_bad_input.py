@@ -115,12 +115,25 @@ def test_an_evaluation_of_another_policy_method_is_redone_not_skipped(tmp_path, 
 
     _no_ray(monkeypatch)
     _messages(tmp_path, ["train", "held_out"])
-    StageOutput(str(tmp_path), "eval").mark_success({"trained_model": str(tmp_path / "policy")})
+    StageOutput(str(tmp_path), "eval").mark_success({"trained_model": str(tmp_path / "policy"),
+                                                     "measures": evaluate.MEASURES})
     assert evaluate.run(make_config(tmp_path)).skipped
     with pytest.raises(FileNotFoundError, match=r"evaluate needs the 'dpo' output"):
         evaluate.run(make_config(tmp_path, "policy.method=dpo"))
     assert "evaluating again" in capsys.readouterr().out
     assert not StageOutput(str(tmp_path), "eval").complete()
+
+
+def test_an_evaluation_with_fewer_measures_than_this_release_is_redone(tmp_path, make_config, monkeypatch, capsys):
+    """eval/ written before the trait score, probes and capability existed is evaluated again, not skipped."""
+    from character.stages import evaluate
+
+    _no_ray(monkeypatch)
+    _messages(tmp_path, ["train", "held_out"])
+    StageOutput(str(tmp_path), "eval").mark_success({"trained_model": str(tmp_path / "policy")})
+    with pytest.raises(FileNotFoundError, match=r"evaluate needs the 'pm' output"):
+        evaluate.run(make_config(tmp_path))
+    assert f"measures version 1, this release writes {evaluate.MEASURES}: evaluating again" in capsys.readouterr().out
 
 
 def test_an_unreadable_upstream_part_names_the_file_before_ray(tmp_path, make_config, monkeypatch):

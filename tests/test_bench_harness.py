@@ -77,3 +77,27 @@ def test_command_line_helpers():
     assert [rotation(["a", "b", "c"], r) for r in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
                                                                 ["a", "b", "c"]]
     assert [rotation(["x", "y"], r) for r in range(3)] == [["x", "y"], ["y", "x"], ["x", "y"]]
+
+
+def test_the_learning_ablation_table_reads_each_recipes_summary_and_counts_seeds_that_moved():
+    from benchmarks.learning import ablation_table, recipe_row
+
+    def stat(mean, half=0.1):
+        return {"mean": mean, "lo": mean - half, "hi": mean + half}
+
+    def summary(shift):
+        groups = {f"{t}/held_out": {"trait": t, "split": "held_out", "trait_score_delta": stat(shift)} for t in "ab"}
+        held = {"probe_delta": stat(0.0), "identical_share": {"share": 0.1}, "kl": stat(2.0)}
+        block = {"groups": groups, "overall": {"held_out": held}}
+        return {**block, "sft": block, "capability": {"base": {"accuracy": 0.5}, "trained": {"accuracy": 0.4},
+                                                      "sft": {"accuracy": 0.45}, "kept": {"trained": True}}}
+
+    pm = {"eval_accuracy": 0.6, "eval_pairs": 100}
+    rows = {"main": [recipe_row(summary(0.2), pm, 20.0), recipe_row(summary(0.05), pm, 22.0)],
+            "sft_only": [recipe_row(summary(0.3), None, 8.0, "sft")]}
+    assert rows["main"][0]["pm"]["n"] == 100 and 0.5 < rows["main"][0]["pm"]["lo"] < 0.6
+    assert rows["sft_only"][0]["capability"] == 0.45 and rows["sft_only"][0]["pm"]["n"] == 0
+    table = ablation_table(rows).splitlines()
+    assert table[0].startswith("| recipe | seeds | trait score: a | trait score: b | probe |")
+    assert table[2].startswith("| main | 2 | +0.125 (1/2) | +0.125 (1/2) | +0.000 (0/2) | 0.400 | 0.10 | 2.00 |")
+    assert table[2].endswith("of 100 | 21.0 |") and table[3].endswith("| - | 8.0 |")

@@ -61,11 +61,11 @@ def test_win_rates_count_ties_as_half_and_cluster_by_message():
 
 
 def test_summarise_pairs_samples_by_message_and_sample():
-    from character.stages.evaluate import summarise
+    from character.reporting.eval_summary import summarise
 
     def row(mid, model, sample, reward, words, win, split="held_out"):
         return {"message_id": mid, "trait": "t", "split": split, "model": model, "sample": sample,
-                "reward": reward, "n_words": words, "win_prob": win}
+                "reward": reward, "n_words": words, "win_prob": win, "response": f"{model} {mid}"}
 
     rows = [row("a", "base", 0, 1.0, 10, 0.2), row("a", "trained", 0, 2.0, 8, 0.8),
             row("a", "base", 1, 1.0, 10, 0.2), row("a", "trained", 1, 2.0, 8, 0.8),

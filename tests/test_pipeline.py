@@ -5,6 +5,7 @@ S3FileSystem and the standard AWS environment variables, as a cluster would reac
 `character run`, which finds nothing to do, and redoes only what follows a deleted stage."""
 import base64
 import json
+import math
 import os
 import re
 import secrets
@@ -206,15 +207,17 @@ def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
     assert any(name.startswith("_train/policy/checkpoint_") for name in in_bucket)  # Ray Train on S3 too
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert set(summary["overall"]) == {"held_out", "adversarial"}
+    _check_measures(summary, run_dir)
     page = _Page()
     page.feed((run_dir / "report" / "index.html").read_text())
-    figures = {"fig-score-shift", "fig-win-rate", "fig-length", "fig-ppo-curves", "fig-ppo-time",
-               "fig-pm-calibration", "fig-ranking", "fig-funnel"}
+    figures = {"fig-trait-score", "fig-interference", "fig-score-shift", "fig-win-rate", "fig-length",
+               "fig-ppo-curves", "fig-ppo-time", "fig-pm-calibration", "fig-ranking", "fig-funnel"}
     assert figures <= set(page.images)
     for fig in figures:
         assert base64.b64decode(page.images[fig].split(",", 1)[1])[:4] == b"\x89PNG"
     checked = 0
-    for key, text in page.cells.items():
+    assert {k.split(".")[0] for k in page.cells if "→" in k} == {"base → final"}  # the headline
+    for key, text in ((k, v) for k, v in page.cells.items() if "→" not in k):
         group, field = key.split(".", 1)
         block = summary["overall"][group.split("/")[1]] if group.startswith("overall/") else summary["groups"][group]
         value = block
@@ -224,6 +227,28 @@ def test_pipeline_job_writes_every_stage_and_the_report(submitted_run):
             assert text == f"{value:.4f}", key
             checked += 1
     assert checked >= 11
+
+
+def _check_measures(summary: dict, run_dir) -> None:
+    """The measures that see a small model change, on a real run: trait scores from the base model for every
+    answer, probes where the trait has them, the interference matrix over the run's traits, capability per model."""
+    from character.core.store import StageOutput
+
+    rows = StageOutput(str(run_dir), "eval").read().to_pylist()
+    traits = sorted({r["trait"] for r in rows})
+    assert all(len(r["trait_scores"]) == len(traits) and r["logprob"] is not None for r in rows)
+    assert all(r["trait_score"] == next(s["score"] for s in r["trait_scores"] if s["trait"] == r["trait"])
+               for r in rows)
+    assert {r["trait"] for r in rows if r["probes"]} == {"honesty", "ai_nature"}  # configs/traits/tiny.yaml
+    assert sorted(summary["interference"]) == traits
+    held = summary["overall"]["held_out"]
+    for key in ("trait_score_base", "trait_score_trained", "trait_score_delta", "probe_delta", "kl"):
+        assert math.isfinite(held[key]["mean"]), key
+    assert summary["identical_share"]["held_out"] == held["identical_share"]["share"]
+    capability = summary["capability"]
+    assert capability["base"]["n"] == capability["trained"]["n"] >= 60 and set(capability["kept"]) == {"trained"}
+    replies = json.loads((run_dir / "eval" / "capability.json").read_text())["replies"]
+    assert len(replies["base"]) == capability["base"]["n"]
 
 
 def _tracked_runs(db) -> tuple:

@@ -85,3 +85,26 @@ def test_guard_skips_and_stops_after_too_many_in_a_row():
     guard.update(False, 5, "loss")
     with pytest.raises(NonFiniteError, match="step 6: loss was not finite for 2 steps in a row"):
         guard.update(False, 6, "loss")
+
+
+def test_pairs_per_message_trains_on_each_messages_clearest_pairs_and_validates_on_all(tmp_path):
+    from collections import Counter
+
+    from character.training.pairs import clearest_pairs, load_pairs
+    from synthetic_run import synthetic_run
+
+    rows = [{"pair_id": f"p{i}", "message_id": m, "p_chosen": p}
+            for i, (m, p) in enumerate([("a", 0.6), ("a", 0.9), ("a", 0.9), ("b", 0.55), ("c", 0.7), ("c", 1.0)])]
+    kept, excess = clearest_pairs(rows, 1)
+    assert [r["pair_id"] for r in kept] == ["p1", "p3", "p5"]  # a: 0.9 twice, the lower pair_id wins
+    assert [r["pair_id"] for r in excess] == ["p0", "p2", "p4"]
+    assert [r["pair_id"] for r in clearest_pairs(rows, 2)[0]] == ["p1", "p2", "p3", "p4", "p5"]
+
+    info = synthetic_run(str(tmp_path), traits=2, messages_per_trait=12, candidates=4)
+    every_train, every_held, _ = load_pairs(str(tmp_path), 0.3)
+    train, held, bad = load_pairs(str(tmp_path), 0.3, pairs_per_message=1)
+    assert held == every_held  # validation keeps every pair of its messages
+    per_message = Counter(r["message_id"] for r in train)
+    assert set(per_message.values()) == {1} and set(per_message) == {r["message_id"] for r in every_train}
+    assert len(train) + len(bad) == len(every_train) and {r["reason"] for r in bad} == {"pairs_per_message"}
+    assert sum(len(v) for v in info["pairs"].values()) == len(every_train) + len(every_held)

@@ -19,9 +19,11 @@ def test_every_stage_has_a_work_estimate_that_grows_with_its_size(repo):
     assert rule["rank"] == 0
     online = stage_work(load_config(repo / "configs/small.yaml", ["dpo.precompute_reference=false"]), 4, 16)
     assert online["train-dpo"] > work["train-dpo"]  # the reference scores every training pass, not each pair once
+    gae = stage_work(load_config(repo / "configs/small.yaml", ["ppo.advantage=gae", "ppo.samples_per_prompt=1",
+                                                                "ppo.kl_penalty=reward"]), 4, 16)
     grpo = stage_work(load_config(repo / "configs/small.yaml", ["ppo.advantage=grpo",
                                                                         "ppo.samples_per_prompt=4"]), 4, 16)
-    assert grpo["train-ppo"] > work["train-ppo"]  # 4 samples per prompt, less than 4x: no critic
+    assert grpo["train-ppo"] > gae["train-ppo"]  # 4 samples per prompt, less than 4x: no critic
 
 
 def test_the_pipeline_follows_the_policy_method(repo):

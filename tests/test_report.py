@@ -9,14 +9,15 @@ from html.parser import HTMLParser
 import pyarrow as pa
 import pytest
 
+from character.core import schemas
 from character.core.config import config_from_dict
 from character.reporting import figures
 from character.reporting.run_files import read_ppo_metrics
 from character.stages import report
 from character.core.store import StageOutput
 
-FIG_IDS = ("fig-score-shift", "fig-win-rate", "fig-length", "fig-ppo-curves", "fig-ppo-time",
-           "fig-pm-calibration", "fig-ranking", "fig-funnel")
+FIG_IDS = ("fig-trait-score", "fig-interference", "fig-score-shift", "fig-win-rate", "fig-length", "fig-ppo-curves",
+           "fig-ppo-time", "fig-pm-calibration", "fig-ranking", "fig-funnel")
 TRAITS = ("curiosity", "honesty")
 EVIL = "<script>alert('x')</script> & more"
 
@@ -59,7 +60,12 @@ def _group(trait, split, k):
     g = {"split": split, "n_messages": 2, "n_samples": 2, "pm_base": _ci(0.1 * k), "pm_trained": _ci(0.3 * k + 0.12345),
          "pm_delta": _ci(0.2 * k + 0.023456), "win_rate": _ci(0.55 + 0.01 * k, 0.05),
          "hard_win_rate": {"p": 0.5, "lo": 0.2, "hi": 0.8, "wins": 1, "ties": 0, "n": 2},
-         "length_base": _ci(40.0 + k), "length_trained": _ci(47.123456 + k), "length_change": _ci(7.00005)}
+         "length_base": _ci(40.0 + k), "length_trained": _ci(47.123456 + k), "length_change": _ci(7.00005),
+         "trait_score_base": _ci(0.1), "trait_score_trained": _ci(0.2 + 0.05 * k),
+         "trait_score_delta": _ci(0.1 + 0.05 * k),
+         "probe_base": _ci(0.3), "probe_trained": _ci(0.5), "probe_delta": _ci(0.2, 0.3),
+         "identical_share": {"share": 0.25, "identical": 1, "n": 4}, "distinct2_base": 0.8, "distinct2_trained": 0.9,
+         "kl": _ci(1.5, 0.5)}
     if trait:
         g["trait"] = trait
     return g
@@ -79,13 +85,18 @@ def make_run(tmp_path, *, ppo=True, evaluation=True):
                                          "model": model, "sample": sample, "prompt": f"prompt {m} {EVIL}",
                                          "response": f"{model} answer {sample} {EVIL}", "reward": 0.1 * m + t,
                                          "n_words": 5, "n_tokens": 7, "finish_reason": "stop", "win_prob": 0.6})
-        ev.write_part(pa.Table.from_pylist(rows))
+        ev.write_part(pa.Table.from_pylist(rows, schema=schemas.EVAL))
         groups = {f"{trait}/{split}": _group(trait, split, k)
                   for k, (trait, split) in enumerate((t, s) for t in TRAITS for s in figures.SPLITS)}
         groups["curiosity/held_out"]["pm_delta"]["hi"] = None  # a missing number renders as n/a
         ev.write_json("summary.json", {"base_model": "tiny-llama", "trained_model": "policy", "judge": "model:pm",
                                        "samples": 2, "groups": groups, "interval": "clustered by message: a <test> method",
-                                       "overall": {s: _group(None, s, 1) for s in figures.SPLITS}})
+                                       "overall": {s: _group(None, s, 1) for s in figures.SPLITS},
+                                       "interference": {i: {j: _ci(0.2 if i == j else 0.01, 0.05) for j in TRAITS}
+                                                        for i in TRAITS},
+                                       "capability": {"base": {"accuracy": 0.5, "lo": 0.4, "hi": 0.6, "n": 67},
+                                                      "trained": {"accuracy": 0.45, "lo": 0.35, "hi": 0.55, "n": 67},
+                                                      "kept": {"trained": True}}})
         ev.mark_success({"rows_out": len(rows)})
     if ppo:
         lines = [{"iteration": 0, "eval_reward": 0.1}]
@@ -134,7 +145,7 @@ def test_report_page(tmp_path):
         src = page.imgs[fig_id]["src"]
         assert src.startswith("data:image/png;base64,"), fig_id
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG"), fig_id
-    assert {"score-shift", "win-rate", "length", "ppo-curves", "ppo-time", "pm-calibration", "ranking", "funnel",
+    assert {"headline", "trait-score", "interference", "score-shift", "win-rate", "length", "ppo-curves", "ppo-time", "pm-calibration", "ranking", "funnel",
             "transcripts", "summary"} <= set(page.sections)
     assert "script" not in page.tags and "<script>" not in text and "&lt;script&gt;" in text
     assert "not available" not in text
@@ -142,8 +153,10 @@ def test_report_page(tmp_path):
     # Every table cell equals summary.json rounded to 4 decimals; every group and field is there.
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     rows = {**summary["groups"], **{f"overall/{s}": g for s, g in summary["overall"].items()}}
-    assert len(page.cells) == len(rows) * len(report.TABLE_FIELDS)
-    for key, shown in page.cells.items():
+    table = {k: v for k, v in page.cells.items() if "→" not in k}  # the headline's cells: tests/test_measures.py
+    assert len(table) == len(rows) * len(report.TABLE_FIELDS)
+    assert len(page.cells) - len(table) == len(TRAITS) * 3  # held out: trait score, probe and win-rate shifts
+    for key, shown in table.items():
         group, field = key.split(".", 1)
         value = report.dig(rows[group], field)
         if value is None:

@@ -28,7 +28,7 @@ def test_a_pm_on_another_tokenizer_scores_text_with_its_own(tmp_path, make_confi
 
     pm = _export_pm("tiny-qwen2", tmp_path / "pm")
     config = make_config(tmp_path, "pm.base_model=tiny-qwen2", "ppo.critic_init=policy", "ppo.reward=pm")
-    scores = SequenceScorer(config)(PROMPTS, RESPONSES, ["stop", "stop"])
+    scores = SequenceScorer(config)([{"text": p, "trait": "honesty"} for p in PROMPTS], RESPONSES, ["stop", "stop"])
 
     def direct(tokenizer):
         ids, mask = pad_batch([encode_response(tokenizer, p, r, config.pm.max_length)
@@ -46,7 +46,7 @@ def test_rule_reward_adds_the_truncation_penalty(tmp_path, make_config):
 
     config = make_config(tmp_path, "ppo.reward=rule", "ppo.critic_init=policy", "judge.kind=rule",
                          "judge.rule.type=length", "judge.rule.target_words=0", "ppo.truncation_penalty=-2")
-    scores = SequenceScorer(config)(["q", "q"], ["one two three", "one"], ["stop", "length"])
+    scores = SequenceScorer(config)([{"text": "q", "trait": "honesty"}] * 2, ["one two three", "one"], ["stop", "length"])
     assert scores.tolist() == pytest.approx([-3.0, -3.0])
 
 
@@ -111,3 +111,38 @@ def test_response_logprobs_and_the_dpo_implicit_reward_by_hand(tmp_path, make_co
     assert torch.allclose(scorer(PROMPTS, RESPONSES), expected, atol=1e-4)
     assert torch.allclose(ImplicitReward(resolve_model("tiny-llama"), "tiny-llama", 0.5, 128, 1)(PROMPTS, RESPONSES),
                           torch.zeros(2), atol=1e-6)
+
+
+def test_the_judge_reward_is_the_contrast_judges_score_of_each_answer(tmp_path, make_config):
+    """ppo.reward judge (direct RLAIF): PPO's sequence score equals what the contrast judge (vLLM, the base
+    model) gives the same answer under its trait's system prompt, summed and per token, to 1e-4; rows of
+    different traits get their own trait's prompt."""
+    import gc
+
+    from character.data.prompts import character_system_prompt
+    from character.judging.judge import ContrastJudge
+    from character.review.marks import active_constitution
+    from character.training.scoring import SequenceScorer
+
+    rows = [{"text": PROMPTS[0], "trait": "ai_nature"}, {"text": PROMPTS[1], "trait": "honesty"},
+            {"text": PROMPTS[1], "trait": "curiosity"}]
+    answers = [RESPONSES[0], RESPONSES[1], RESPONSES[1]]
+    expected = {}
+    for per_token in (False, True):
+        config = make_config(tmp_path, "ppo.reward=judge", "judge.kind=contrast", "ppo.critic_init=policy",
+                             f"judge.contrast_per_token={str(per_token).lower()}", "ppo.truncation_penalty=-1.0")
+        constitution = active_constitution(config, "test", quiet=True).by_name()
+        items = [(character_system_prompt(constitution[r["trait"]], active_constitution(config, "test", quiet=True),
+                                          config.respond.system_prompt), r["text"], a) for r, a in zip(rows, answers)]
+        judge = ContrastJudge(config.model.name, "float32", config.engine, config.judge, seed=0)
+        try:
+            expected[per_token] = judge.scores(items)
+        finally:
+            del judge.llm
+            gc.collect()
+        scores = SequenceScorer(config)(rows, answers, ["stop", "stop", "length"])
+        assert scores[:2].tolist() == pytest.approx(expected[per_token][:2], abs=1e-4)
+        assert float(scores[2]) == pytest.approx(expected[per_token][2] - 1.0, abs=1e-4)  # the truncation penalty
+    assert expected[False][1] != expected[False][2]  # another trait, another score
+    with pytest.raises(Exception, match="judge.kind is 'model'"):
+        make_config(tmp_path, "ppo.reward=judge", "judge.kind=model")

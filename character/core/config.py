@@ -111,6 +111,9 @@ class Config(Strict):
         if ppo.reward == "rule" and self.judge.rule.type == "keywords" and not self.judge.rule.words:
             raise ValueError("ppo.reward is 'rule' but judge.rule is a keywords rule with no judge.rule.words: every "
                              "response would score 0 (set judge.rule.words, or judge.rule.type: length)")
+        if ppo.reward == "judge" and self.judge.kind != "contrast":
+            raise ValueError(f"ppo.reward is 'judge', which scores each answer alone with the contrast judge, but "
+                             f"judge.kind is '{self.judge.kind}' (a pairwise judge): set judge.kind: contrast")
         # ppo.advantage and what its estimator needs: character/execution/checks.py (the estimator registry)
         if ppo.kl_target is not None and ppo.kl_coef == 0:
             raise ValueError("ppo.kl_target needs ppo.kl_coef > 0: the adaptive controller scales the coefficient, "

@@ -229,6 +229,10 @@ class EvaluateConfig(Strict):
         description="Sampling of the evaluated responses (evaluate.samples per message).")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description=(
         "Judge of the win rates; model None: the base model."))
+    capability: bool = Field(True, description=(
+        "Ask every evaluated model the built-in capability questions (character/reporting/assets/capability.yaml) "
+        "greedily and report each model's accuracy with a Wilson interval: the alignment tax."))
+    capability_max_tokens: int = Field(24, ge=1, description="Most new tokens of a capability answer.")
 
 
 class ExportConfig(Strict):

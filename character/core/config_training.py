@@ -89,6 +89,10 @@ class PairTrainingConfig(StepLoopConfig):
 
     calibration_bins: int = Field(5, ge=1, description=(
         "Confidence bins of the validation calibration (accuracy by confidence)."))
+    pairs_per_message: int | None = Field(None, ge=1, description=(
+        "Train on at most this many pairs per message, its clearest (soft label farthest from 0.5); the rest are "
+        "set aside as `pairs_per_message`. Validation keeps every pair, so rank.pairs all with a cap of 1 trains "
+        "on one pair per message and validates on all of them (None: train on every pair)."))
 
 
 class RevisionConfig(Strict):
@@ -155,7 +159,10 @@ class DPOConfig(PairTrainingConfig):
 
 
 class PPOConfig(Strict):
-    reward: Literal["pm", "rule"] = Field("pm", description="The trained preference model, or judge.rule's score.")
+    reward: Literal["pm", "judge", "rule"] = Field("pm", description=(
+        "pm: the trained preference model; judge: the contrast judge's own score of each answer, with no PM in "
+        "between (\"direct RLAIF\", Lee et al. 2023; needs judge.kind contrast; judge.model, else the base model, "
+        "frozen); rule: judge.rule's score."))
     advantage: str = Field("gae", description=(
         "The advantage estimator, by its registered name (character/training/estimators.py, checked before any "
         "stage starts): gae, PPO with a critic; grpo / rloo, no critic, `samples_per_prompt` samples per prompt "

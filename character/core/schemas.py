@@ -109,6 +109,13 @@ EVAL = pa.schema([
     pa.field("finish_reason", pa.string(), nullable=False),
     # P(this response beats the base's same sample); a base row: P(it beats the trained model's same sample)
     pa.field("win_prob", pa.float64(), nullable=False),
+    # The frozen base model's per-token contrast of the answer under its own trait (null: did not fit), and under
+    # every trait of the run (the interference matrix); character/reporting/eval_summary.py
+    pa.field("trait_score", pa.float64()),
+    pa.field("trait_scores", pa.list_(pa.struct([("trait", pa.string()), ("score", pa.float64())]))),
+    pa.field("probes", pa.list_(pa.struct([("probe", pa.string()), ("hit", pa.bool_())]))),  # its trait's probes
+    pa.field("logprob", pa.float64()),  # log p(answer | message) under the model that wrote it (raw log-probs)
+    pa.field("logprob_base", pa.float64()),  # ... under the base model: the KL estimate's other term
 ])
 
 EVAL_GENERATIONS = pa.schema([
@@ -119,6 +126,8 @@ EVAL_GENERATIONS = pa.schema([
     pa.field("outputs", pa.list_(pa.string()), nullable=False),
     pa.field("finish_reasons", pa.list_(pa.string()), nullable=False),
     pa.field("output_tokens", pa.list_(pa.int64()), nullable=False),
+    pa.field("output_token_ids", pa.list_(pa.list_(pa.int32())), nullable=False),
+    pa.field("output_logprobs", pa.list_(pa.float64()), nullable=False),
 ])
 
 # The trained preference model's rewards of every pair (train-pm, pm.score_pairs), for `character review`.

@@ -5,12 +5,54 @@ responses it prefers. Files live under configs/traits/ and are validated before 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from character.core.config import ConfigError
+
+
+class Probe(BaseModel):
+    """A behaviour a reader can check in an answer, for evaluation only: no training stage reads probes
+    (tests/test_measures.py checks that the prompts of every stage are the same with and without them), so a
+    probe's hit rate is a measure the training was never shown. An answer hits the probe when any of its
+    regular expressions matches (case-insensitive, `re.search`) or any phrase occurs in it as whole words
+    (case-insensitive)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]*$", max_length=64)
+    description: str = Field(min_length=1, description="The behaviour the probe marks, in one line.")
+    patterns: list[str] = Field(default_factory=list)
+    phrases: list[str] = Field(default_factory=list)
+    _compiled: list = PrivateAttr(default_factory=list)
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"patterns[{i}] {pattern!r} is not a regular expression: {exc}") from None
+        return patterns
+
+    @field_validator("phrases")
+    @classmethod
+    def _phrases_not_blank(cls, phrases: list[str]) -> list[str]:
+        if any(not p.strip() for p in phrases):
+            raise ValueError("a phrase is blank")
+        return phrases
+
+    def model_post_init(self, _context) -> None:
+        if not self.patterns and not self.phrases:
+            raise ValueError(f"probe '{self.name}' has neither patterns nor phrases")
+        words = [r"\b" + r"\s+".join(re.escape(w) for w in p.split()) + r"\b" for p in self.phrases]
+        self._compiled = [re.compile(x, re.IGNORECASE) for x in (*self.patterns, *words)]
+
+    def hits(self, text: str) -> bool:
+        return any(x.search(text) for x in self._compiled)
 
 
 class Trait(BaseModel):
@@ -20,6 +62,21 @@ class Trait(BaseModel):
     statement: str = Field(min_length=1)
     clarification: str = Field(min_length=1)
     questions: list[str] = Field(default_factory=list)
+    probes: list[Probe] = Field(default_factory=list, description=(
+        "Evaluation only (never shown to the model nor read by a training stage): checkable behaviours of "
+        "the trait, whose hit rates evaluate reports as probe_base, probe_trained and probe_delta."))
+
+    @field_validator("probes")
+    @classmethod
+    def _unique_probes(cls, probes: list[Probe]) -> list[Probe]:
+        names = [p.name for p in probes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"probe names repeat: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
+        return probes
+
+    def probe_hit(self, text: str) -> bool | None:
+        """Whether the answer shows any of the trait's probes; None for a trait without probes."""
+        return any(p.hits(text) for p in self.probes) if self.probes else None
 
     @field_validator("statement", "clarification")
     @classmethod

@@ -25,7 +25,7 @@ def run_pair_stage(config: Config, spec: StageSpec, section: str, train_loop, fo
     def inputs(out: StageOutput):
         marks = load_marks(output_dir)
         announce(spec.name, output_dir, marks)
-        train, held, bad = load_pairs(output_dir, eval_fraction, marks)
+        train, held, bad = load_pairs(output_dir, eval_fraction, marks, getattr(config, section).pairs_per_message)
         check_pairs(spec.name, section, train, held, bad, StageOutput(output_dir, "preferences"), eval_fraction)
         # Checkpoints resume only on the same pairs: a review that sets other pairs aside needs --force.
         check_resume_settings(config, spec.output, {"review_set_aside": review_fingerprint(bad)})

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from math import comb
 
 from character.core.config import Config
+from character.reporting.capability import capability_items
 from character.training.estimators import uses_critic
 
 PROMPT_TOKENS = 130  # a chat prompt with a system prompt, a typical synthesis or respond prompt here
@@ -115,10 +116,14 @@ def train_ppo(config: Config, size: RunSize) -> float:
 
 def evaluate(config: Config, size: RunSize) -> float:
     ev = config.evaluate
-    messages = size.n_traits * (ev.max_messages_per_trait + ev.adversarial_per_trait)
-    generations = 2 * messages * ev.samples * (PROMPT_TOKENS + ev.sampling.max_tokens * 2)
-    scoring = 2 * messages * ev.samples * (PROMPT_TOKENS + ev.sampling.max_tokens) * 2  # reward model + judge
-    return generations + scoring
+    models = 3 if config.policy.sft else 2
+    answers = models * size.n_traits * (ev.max_messages_per_trait + ev.adversarial_per_trait) * ev.samples
+    generations = answers * (PROMPT_TOKENS + ev.sampling.max_tokens * 2)
+    scoring = answers * (PROMPT_TOKENS + ev.sampling.max_tokens) * 2  # reward model + judge
+    ruler = answers * (size.n_traits + 1) * (PROMPT_TOKENS + ev.sampling.max_tokens)  # each trait + none
+    items = len(capability_items()) if ev.capability else 0
+    capability = models * items * (PROMPT_TOKENS + ev.capability_max_tokens * 2)
+    return generations + scoring + ruler + capability
 
 
 def nothing(config: Config, size: RunSize) -> float:

@@ -87,8 +87,10 @@ def chat_token_ids(tokenizer, system: str, user: str, assistant_prefix: str = ""
 
 def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: list[int],
                   sampling: SamplingConfig, max_model_len: int, prefixes: list[str] | None = None,
-                  logprobs: bool = False) -> list[dict]:
+                  logprobs: bool = False, row_sampling: list[SamplingConfig | None] | None = None) -> list[dict]:
     """Generate `sampling.n` completions per chat; prompts that cannot fit are rejected, not crashed on.
+    `row_sampling`: a row's own settings where not None (evaluate asks its greedy capability questions in the
+    same pass as its sampled answers: one engine start per model, not two).
 
     Returns one dict per input: outputs, finish_reasons, reject_reason (None when generated); with
     `logprobs`, also each completion's token ids and its log-probability under the prompt (the sum of the
@@ -101,16 +103,19 @@ def generate_chat(llm, tokenizer, systems: list[str], users: list[str], seeds: l
     results: list[dict] = [{"outputs": [], "finish_reasons": [], "reject_reason": None} for _ in users]
     prompts, params, where = [], [], []
     prefixes = prefixes or [""] * len(users)
-    for i, (system, user, seed, prefix) in enumerate(zip(systems, users, seeds, prefixes)):
+    row_sampling = row_sampling or [None] * len(users)
+    for i, (system, user, seed, prefix, own) in enumerate(zip(systems, users, seeds, prefixes, row_sampling)):
+        sampling_i = own or sampling
         ids = chat_token_ids(tokenizer, system, user, prefix)
-        if len(ids) + sampling.max_tokens > max_model_len:
+        if len(ids) + sampling_i.max_tokens > max_model_len:
             results[i]["reject_reason"] = "prompt_too_long"
-            results[i]["detail"] = f"{len(ids)} prompt tokens + {sampling.max_tokens} new > max_model_len {max_model_len}"
+            results[i]["detail"] = (f"{len(ids)} prompt tokens + {sampling_i.max_tokens} new > max_model_len "
+                                    f"{max_model_len}")
             continue
         prompts.append(TokensPrompt(prompt_token_ids=ids))
         params.append(SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens, seed=int(seed), stop=list(sampling.stop) or None,
+            n=sampling_i.n, temperature=sampling_i.temperature, top_p=sampling_i.top_p,
+            max_tokens=sampling_i.max_tokens, seed=int(seed), stop=list(sampling_i.stop) or None,
             logprobs=0 if logprobs else None,
         ))
         where.append(i)
@@ -146,7 +151,8 @@ class PerThreadTokenizer:
 
 
 class ChatGenerator:
-    """Ray Data actor: rows with `system`, `user`, `seed` (and optionally `assistant_prefix`) in; `outputs`,
+    """Ray Data actor: rows with `system`, `user`, `seed` (and optionally `assistant_prefix`, and `sampling`: a
+    SamplingConfig as JSON for that row instead of the actor's) in; `outputs`,
     `finish_reasons`, `reject_reason`, `detail`, `new_tokens` appended (with `logprobs`, also
     `output_token_ids` and `output_logprobs`: see generate_chat).
 
@@ -178,6 +184,8 @@ class ChatGenerator:
             self.sampling, self.engine.max_model_len,
             batch.column("assistant_prefix").to_pylist() if "assistant_prefix" in batch.column_names else None,
             self.logprobs,
+            [None if x is None else SamplingConfig.model_validate_json(x) for x in batch.column("sampling").to_pylist()]
+            if "sampling" in batch.column_names else None,
         )
         if self.logprobs:
             batch = (batch.append_column("output_token_ids", pa.array([r.get("output_token_ids", []) for r in results],

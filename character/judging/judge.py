@@ -149,12 +149,20 @@ class ModelJudge:
         return result
 
 
-def sequence_logprob(prompt_logprobs: list, token_ids: list[int], start: int, per_token: bool) -> float:
-    """Sum (or mean) of log p(token_t | tokens_<t) over positions t >= start, from vLLM's prompt_logprobs
-    (one dict per position, None at position 0)."""
-    values = [prompt_logprobs[t][token_ids[t]].logprob for t in range(start, len(token_ids))]
+def position_logprobs(prompt_logprobs: list, token_ids: list[int], start: int) -> list[float]:
+    """log p(token_t | tokens_<t) for positions t >= start, from vLLM's prompt_logprobs (one dict per position,
+    None at position 0)."""
+    return [prompt_logprobs[t][token_ids[t]].logprob for t in range(start, len(token_ids))]
+
+
+def total_logprob(values: list[float], per_token: bool) -> float:
     total = math.fsum(values)
     return total / len(values) if per_token and values else total
+
+
+def sequence_logprob(prompt_logprobs: list, token_ids: list[int], start: int, per_token: bool) -> float:
+    """Sum (or mean) of log p(token_t | tokens_<t) over positions t >= start."""
+    return total_logprob(position_logprobs(prompt_logprobs, token_ids, start), per_token)
 
 
 def contrast_prob(score_first: float, score_second: float, temperature: float) -> float:
@@ -189,18 +197,23 @@ class ContrastJudge:
         calls; replaces what was remembered before."""
         self.known = dict(known)
 
-    def _logprobs(self, requests: list[tuple[list[int], int]]) -> list[float | None]:
-        """log p(ids[start:] | ids[:start]) per (ids, start), summed or per token; None where it cannot fit."""
+    def _prompt_logprobs(self, requests: list[tuple[list[int], int]]) -> list[list[float] | None]:
+        """[log p(ids[t] | ids[:t]) for t >= start] per (ids, start); None where it cannot fit."""
         from vllm import SamplingParams
 
         todo = [i for i, (ids, _) in enumerate(requests) if len(ids) < self.engine.max_model_len]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outs = self.llm.generate([{"prompt_token_ids": requests[i][0]} for i in todo], params, use_tqdm=False)
-        result: list[float | None] = [None] * len(requests)
+        result: list[list[float] | None] = [None] * len(requests)
         for i, out in zip(todo, outs):
             ids, start = requests[i]
-            result[i] = sequence_logprob(out.prompt_logprobs, ids, start, self.judge.contrast_per_token)
+            result[i] = position_logprobs(out.prompt_logprobs, ids, start)
         return result
+
+    def _logprobs(self, requests: list[tuple[list[int], int]]) -> list[float | None]:
+        """log p(ids[start:] | ids[:start]) per (ids, start), summed or per token; None where it cannot fit."""
+        return [None if v is None else total_logprob(v, self.judge.contrast_per_token)
+                for v in self._prompt_logprobs(requests)]
 
     def scores(self, items: list[tuple[str, str, str]]) -> list[float | None]:
         """s(y) per (system, message, response); None where a prompt cannot fit the model's context."""
@@ -235,7 +248,6 @@ class ContrastJudge:
         for c in comparisons:
             a, b = score[(c.system, c.message, c.first)], score[(c.system, c.message, c.second)]
             out.append(None if a is None or b is None else contrast_prob(a, b, self.judge.contrast_temperature))
-        return out
         return out
 
 

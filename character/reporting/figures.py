@@ -262,3 +262,28 @@ def funnel_figure(messages: dict | None, responses: dict | None, preferences: di
             _no_data(ax, "nothing set aside" if ax is a2 else "no data")
         ax.set_title(title)
     return fig
+
+
+def interference_figure(matrix: dict[str, dict[str, dict]]):
+    """Heat-map of the trait-score shift of each trait (rows) on each trait's held-out messages (columns),
+    trained minus base; each cell shows the mean, and a star where its interval excludes zero."""
+    measured = sorted(matrix)
+    columns = sorted({j for row in matrix.values() for j in row})
+    values = [[_num(dig(matrix, f"{i}.{j}.mean")) for j in columns] for i in measured]
+    fig, (ax,) = _figure(max(4.5, 1.1 * len(columns) + 2.5), max(3.2, 0.7 * len(measured) + 1.6))
+    finite = [abs(v) for row in values for v in row if not math.isnan(v)]
+    span = max(finite) if finite and max(finite) > 0 else 1.0
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+    for a, i in enumerate(measured):
+        for b, j in enumerate(columns):
+            stat = matrix[i].get(j) or {}
+            lo, hi = _num(stat.get("lo")), _num(stat.get("hi"))
+            star = "*" if (lo > 0 or hi < 0) else ""
+            ax.text(b, a, "n/a" if math.isnan(values[a][b]) else f"{values[a][b]:+.3f}{star}", ha="center",
+                    va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(measured)), measured, fontsize=8)
+    ax.set_xlabel("messages of trait")
+    ax.set_ylabel("trait score measured")
+    fig.colorbar(image, ax=ax, label="trait-score shift (* interval excludes 0)")
+    return fig

@@ -1,9 +1,11 @@
 """Stage `report`: one self-contained HTML page (report/index.html) that a researcher opens after a run.
 
 Figures (character/reporting/figures.py, matplotlib) are embedded as base64 PNGs; there is no external CSS or JS.
-Sections: PM (or DPO implicit reward) score shift, win rate and response length per trait (held-out and adversarial), PPO curves
-and time per phase, PM calibration, label quality of the self-ranking, the data funnel with the synthesis
-keep rate and examples of kept and dropped messages, sample transcripts and a table of eval/summary.json. The eval stage is required; every
+Sections: the headline (per trait: trait score, probe and win-rate shifts with verdicts; capability, identical
+answers, KL), the trait score before and after, the trait-interference heat-map, the PM (or DPO implicit reward)
+score shift, win rate and response length per trait (held-out and adversarial), PPO curves and time per phase, PM
+calibration, label quality of the self-ranking, the data funnel with the synthesis keep rate and examples of kept
+and dropped messages, sample transcripts and a table of eval/summary.json. The eval stage is required; every
 other input is optional and a missing one renders a "not available" note. The figure and table
 builders take plain dicts and lists so they can be tested without a run directory.
 """
@@ -17,13 +19,16 @@ from character.core.store import StageOutput
 from character.execution.registry import spec_of
 from character.execution.runtime import StageResult
 from character.execution.stage_run import run_stage
-from character.reporting.figures import (dig, fmt, funnel_figure, paired_bars_figure, pm_calibration_figure,
-                                         png_data_uri, ppo_curves_figure, ppo_time_figure, ranking_figure,
-                                         win_rate_figure)
+from character.reporting.figures import (dig, fmt, funnel_figure, interference_figure, paired_bars_figure,
+                                         pm_calibration_figure, png_data_uri, ppo_curves_figure, ppo_time_figure,
+                                         ranking_figure, win_rate_figure)
+from character.reporting.headline import headline_html
 from character.reporting.run_files import read_json, read_ppo_metrics, read_text
 
 SPEC = spec_of(__name__)
-TABLE_FIELDS = ("pm_base.mean", "pm_trained.mean", "pm_delta.mean", "pm_delta.lo", "pm_delta.hi",
+TABLE_FIELDS = ("trait_score_base.mean", "trait_score_trained.mean", "trait_score_delta.mean", "trait_score_delta.lo",
+                "trait_score_delta.hi", "probe_delta.mean", "identical_share.share", "kl.mean", "pm_base.mean",
+                "pm_trained.mean", "pm_delta.mean", "pm_delta.lo", "pm_delta.hi",
                 "win_rate.mean", "win_rate.lo", "win_rate.hi", "length_base.mean", "length_trained.mean",
                 "length_change.mean")
 
@@ -135,14 +140,34 @@ table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;paddin
 .na{color:#888;font-style:italic}dl.nums{display:grid;grid-template-columns:max-content max-content;gap:2px 12px}
 dd{margin:0;font-family:monospace}.pair{display:grid;grid-auto-columns:1fr;grid-auto-flow:column;gap:1em}
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:0}.transcript{margin:1em 0}h4{margin:.3em 0}
-td.text{text-align:left}"""
+td.text{text-align:left}td.v-moved{background:#e3f4e3}td.v-moved-the-wrong-way{background:#f8dede}"""
+
+
+def _evaluation_sections(section, summary: dict) -> None:
+    """The headline, trait scores, interference, and the PM score, win rate and length per trait."""
+    groups = summary.get("groups") or {}
+    no_groups = None if groups else "eval/summary.json has no groups"
+    section("headline", "What changed (held out)", None, None, headline_html(summary))
+    section("trait-score", "Trait score before vs after (the base model's per-token trait contrast)",
+            "fig-trait-score", lambda: paired_bars_figure(groups, "trait_score_base", "trait_score_trained",
+                                                          "trait score"), missing=no_groups)
+    section("interference", "Trait interference: each trait's score shift on every trait's messages",
+            "fig-interference", lambda: interference_figure(summary["interference"]),
+            missing=None if summary.get("interference") else "eval/summary.json has no interference matrix")
+    score = summary.get("score", "preference model")  # or the DPO implicit reward (policy.method dpo)
+    section("score-shift", f"Score before vs after ({score})", "fig-score-shift",
+            lambda: paired_bars_figure(groups, "pm_base", "pm_trained", score), missing=no_groups)
+    section("win-rate", "Win rate of trained over base", "fig-win-rate", lambda: win_rate_figure(groups),
+            missing=no_groups)
+    section("length", "Response length (words)", "fig-length",
+            lambda: paired_bars_figure(groups, "length_base", "length_trained", "words"), missing=no_groups)
 
 
 def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
     """inputs: summary, eval_rows, ppo (list|None), pm (dict|None), dpo (dict|None), sft (dict|None), preferences,
     messages, responses
     (dict|None). Returns the page and the number of figures in it."""
-    summary, groups = inputs["summary"], (inputs["summary"].get("groups") or {})
+    summary = inputs["summary"]
     sections, figures = [], 0
 
     def section(sid: str, title: str, fig_id: str | None, make, extra: str = "", missing: str | None = None):
@@ -158,14 +183,7 @@ def build_html(inputs: dict, n: int = 2) -> tuple[str, int]:
             body += extra
         sections.append((sid, title, f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>'))
 
-    no_groups = None if groups else "eval/summary.json has no groups"
-    score = summary.get("score", "preference model")  # or the DPO implicit reward (policy.method dpo)
-    section("score-shift", f"Score before vs after ({score})", "fig-score-shift",
-            lambda: paired_bars_figure(groups, "pm_base", "pm_trained", score), missing=no_groups)
-    section("win-rate", "Win rate of trained over base", "fig-win-rate", lambda: win_rate_figure(groups),
-            missing=no_groups)
-    section("length", "Response length (words)", "fig-length",
-            lambda: paired_bars_figure(groups, "length_base", "length_trained", "words"), missing=no_groups)
+    _evaluation_sections(section, summary)
     ppo = inputs.get("ppo")
     has_it = bool(ppo) and any("reward" in r for r in ppo)
     section("ppo-curves", "PPO curves", "fig-ppo-curves", lambda: ppo_curves_figure(ppo),

@@ -86,7 +86,8 @@ def train_loop(loop_config: dict) -> None:
     setup_distributed(config.train.use_gpu)
     torch.manual_seed(config.run.seed)
     tokenizer = load_tokenizer(config.model.name)
-    train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction, loop_config.get("review_marks"))
+    train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction, loop_config.get("review_marks"),
+                                cfg.pairs_per_message)
     world = torch.distributed.get_world_size()
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
     # The policy's start and its reference: the base model, or sft/ with policy.sft.

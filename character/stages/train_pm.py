@@ -71,7 +71,8 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(seed)
     base = cfg.base_model or config.start_model  # sft/ with policy.sft
     tokenizer = load_tokenizer(base)
-    train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction, loop_config.get("review_marks"))
+    train, held, _ = load_pairs(config.run.output_dir, cfg.eval_fraction, loop_config.get("review_marks"),
+                                cfg.pairs_per_message)
     world = torch.distributed.get_world_size()
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
     model = lora.wrap(build_under_zero(lambda: AutoModelForSequenceClassification.from_pretrained(

@@ -25,11 +25,13 @@ from character.training.losses import bradley_terry_loss
 from character.training.stepping import NonFiniteGuard, StepClock, accumulation_step
 
 
-def load_pairs(output_dir: str, eval_fraction: float, marks=None):
+def load_pairs(output_dir: str, eval_fraction: float, marks=None, pairs_per_message: int | None = None):
     """Training and validation pairs, both from the `train` split's messages (rank only ever sees those),
     divided by message (character/data/splits.py); unusable pairs set aside with a reason, and so are the pairs a
     reviewer flagged (or whose message or trait they did: character/review/marks.py). `marks`: the review marks the
-    driver read (the workers train on what the driver checked, even if a reviewer marks more meanwhile)."""
+    driver read (the workers train on what the driver checked, even if a reviewer marks more meanwhile).
+    `pairs_per_message`: train on at most this many pairs of each message, its clearest (soft label farthest
+    from 0.5); the rest are set aside as `pairs_per_message`. Validation keeps every pair."""
     rows = StageOutput(output_dir, "preferences").read(schema=schemas.PREFERENCES).to_pylist()
     good, bad = validate_pairs(rows)
     marks = load_marks(output_dir) if marks is None else marks
@@ -38,7 +40,21 @@ def load_pairs(output_dir: str, eval_fraction: float, marks=None):
     bad += [{**r, "reason": reason} for r, reason in reviewed if reason is not None]
     train = [r for r in good if not pm_validation(r["message_id"], eval_fraction)]
     held = [r for r in good if pm_validation(r["message_id"], eval_fraction)]
+    if pairs_per_message is not None:
+        train, excess = clearest_pairs(train, pairs_per_message)
+        bad += [{**r, "reason": "pairs_per_message"} for r in excess]
     return train, held, bad
+
+
+def clearest_pairs(pairs: list[dict], per_message: int) -> tuple[list[dict], list[dict]]:
+    """(kept, excess): each message's `per_message` pairs with the highest soft label p_chosen (ties: lower
+    pair_id), in the input order."""
+    by_message = defaultdict(list)
+    for r in pairs:
+        by_message[r["message_id"]].append(r)
+    kept = {r["pair_id"] for rows in by_message.values()
+            for r in sorted(rows, key=lambda r: (-r["p_chosen"], r["pair_id"]))[:per_message]}
+    return [r for r in pairs if r["pair_id"] in kept], [r for r in pairs if r["pair_id"] not in kept]
 
 
 def pair_metrics(r_chosen: list[float], r_rejected: list[float], p: list[float], traits: list[str],

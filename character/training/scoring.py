@@ -117,23 +117,74 @@ class RewardModel:
             return pm_rewards(self.model, self.tokenizer, prompts, responses, self.max_length, self.batch_size)
 
 
+class ContrastReward:
+    """ppo.reward judge, "direct RLAIF" (Lee et al. 2023, RLAIF vs. RLHF): the judge's own score of each answer
+    used as the reward, with no preference model in between. The judge is the contrast judge rank labels pairs
+    with (judge.kind contrast, character/judging/judge.py): log p(y | the trait's system prompt, x) - log p(y | x)
+    under the frozen judge model (judge.model, else the base model: not the policy, which moves), per token with
+    judge.contrast_per_token. Forwards through HF (or the DeepSpeed engine `build` makes), `batch_size` rows at a
+    time, as the PM's rewards."""
+
+    def __init__(self, config: Config, build=None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from character.data.prompts import character_system_prompt
+        from character.review.marks import active_constitution
+
+        path = resolve_model(config.judge.model or config.model.name)
+        self.tokenizer = load_tokenizer(path)
+        factory = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+            path, dtype=getattr(torch, config.train_dtype)).eval()
+        self.model = build(factory) if build is not None else factory()
+        constitution = active_constitution(config, "train-ppo", quiet=True)
+        self.systems = {t.name: character_system_prompt(t, constitution, config.respond.system_prompt)
+                        for t in constitution.traits}
+        self.per_token, self.max_length = config.judge.contrast_per_token, config.engine.max_model_len
+        self.batch_size = config.ppo.forward_batch_size
+
+    def __call__(self, traits: list[str], prompts: list[str], responses: list[str]):
+        import torch
+
+        def logp(systems: list[str]):
+            parts = [encode_prompt_and_response(self.tokenizer, p, r, self.max_length, system=s)
+                     for s, p, r in zip(systems, prompts, responses)]
+            out = []
+            for start in range(0, len(parts), self.batch_size):
+                lp, mask = answer_token_logprobs(self.model, parts[start : start + self.batch_size],
+                                                 self.tokenizer.pad_token_id)
+                total = (lp * mask).sum(-1).float()
+                out.append(total / mask.sum(-1).clamp(min=1) if self.per_token else total)
+            return torch.cat(out) if out else torch.zeros(0)
+
+        with torch.no_grad():
+            return logp([self.systems[t] for t in traits]) - logp([""] * len(prompts))
+
+
 class SequenceScorer:
-    """PPO's sequence score: the preference model's reward, or the rule judge's, plus the truncation penalty."""
+    """PPO's sequence score: the preference model's reward, the judge's (ppo.reward judge) or the rule judge's,
+    plus the truncation penalty."""
 
     def __init__(self, config: Config, build=None):
         self.penalty = config.ppo.truncation_penalty
+        self.rule = self.pm = self.judge = None
         if config.ppo.reward == "rule":
-            self.rule, self.pm = RuleJudge(config.judge.rule), None
+            self.rule = RuleJudge(config.judge.rule)
+        elif config.ppo.reward == "judge":
+            self.judge = ContrastReward(config, build)
         else:
-            self.rule = None
             self.pm = RewardModel(StageOutput(config.run.output_dir, "pm").path(), config.pm.max_length,
                                   config.ppo.forward_batch_size, config.train_dtype, build)
 
-    def __call__(self, prompts: list[str], responses: list[str], finish: list[str]):
+    def __call__(self, rows: list[dict], responses: list[str], finish: list[str]):
+        """rows: the prompts' message rows (text, trait)."""
         import torch
 
+        prompts = [r["text"] for r in rows]
         if self.rule is not None:
             scores = torch.tensor([self.rule.score(r) for r in responses], dtype=torch.float32)
+        elif self.judge is not None:
+            scores = self.judge([r["trait"] for r in rows], prompts, responses)
         else:
             scores = self.pm(prompts, responses)
         return scores + torch.tensor([self.penalty if f == "length" else 0.0 for f in finish])

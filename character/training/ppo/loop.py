@@ -218,7 +218,7 @@ class PPOWorker:
         share = rank_share(len(rows), self.rank, self.world)
         mine = [rows[k] for k, _ in share]
         outs = self.generate(mine, -1)
-        scores = self.scorer([r["text"] for r in mine], [o["text"] for o in outs], [o["finish_reason"] for o in outs])
+        scores = self.scorer(mine, [o["text"] for o in outs], [o["finish_reason"] for o in outs])
         real = torch.tensor([0.0 if pad else 1.0 for _, pad in share])
         total = torch.tensor([float((scores * real).sum()), float(real.sum())], dtype=torch.float64)
         dist.all_reduce(total)

@@ -89,7 +89,7 @@ def score(models, roll, batch, outs, pad, beta, cfg):
     import torch
 
     policy, critic, reference, scorer = models
-    scores = scorer([r["text"] for r in batch], [o["text"] for o in outs], [o["finish_reason"] for o in outs])
+    scores = scorer(batch, [o["text"] for o in outs], [o["finish_reason"] for o in outs])
     real = torch.tensor([0.0 if p else 1.0 for p in pad])
     roll.mask = roll.mask * real[:, None]  # padding rows weigh nothing: no reward, KL, advantage or loss
     with torch.no_grad(), eval_mode(*[m for m in (policy, critic) if m is not None]):
