@@ -236,7 +236,9 @@ def _check_measures(summary: dict, run_dir) -> None:
 
     rows = StageOutput(str(run_dir), "eval").read().to_pylist()
     traits = sorted({r["trait"] for r in rows})
-    assert all(len(r["trait_scores"]) == len(traits) and r["logprob"] is not None for r in rows)
+    # held out: every trait's score (the interference matrix); adversarial: the answer's own trait only
+    assert all(len(r["trait_scores"]) == (len(traits) if r["split"] == "held_out" else 1) and r["logprob"] is not None
+               for r in rows)
     assert all(r["trait_score"] == next(s["score"] for s in r["trait_scores"] if s["trait"] == r["trait"])
                for r in rows)
     assert {r["trait"] for r in rows if r["probes"]} == {"honesty", "ai_nature"}  # configs/traits/tiny.yaml
