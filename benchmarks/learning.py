@@ -13,7 +13,8 @@ recipes:
   ppo       ppo.advantage=gae: PPO with a critic (from the PM) on the same 16 sequences per iteration, KL in the reward.
 Columns: per trait the held-out trait-score shift, then the probe shift (all traits), capability of the trained
 model, identical share, KL to the base, the PM's validation accuracy [Wilson interval] and the recipe's minutes
-(the seconds of every stage it ran or reused, from their _SUCCESS records). Each cell is the mean over seeds;
+(the seconds of every stage it ran or reused, from their _SUCCESS records; evaluate's own, which reuses the
+main recipe's base and SFT answers, counts only the answers it made). Each cell is the mean over seeds;
 "k/n" counts the seeds whose 95 % interval lies above zero. Everything lands in <out>/learning.json, and the
 table in <out>/learning.md (the README's copy). Not part of CI: about 55 minutes per seed on a 2-core box, with
 nothing else running.
@@ -21,6 +22,7 @@ nothing else running.
 Run (from the repository root):
   .venv/bin/python benchmarks/learning.py                          # 3 seeds, every recipe
   .venv/bin/python benchmarks/learning.py --seeds 0 --recipes main sft_only    # one seed, two recipes
+  .venv/bin/python benchmarks/learning.py --main-run runs/small    # the main job's run as data and seed 0's main
 """
 from __future__ import annotations
 
@@ -40,13 +42,16 @@ if __package__ != "benchmarks":  # run as `python benchmarks/learning.py`: the r
 from benchmarks._harness import ROOT  # noqa: E402
 
 DATA = ("messages", "responses", "preferences")
+# The base model's evaluation answers (and the SFT model's, where the recipe shares it) are the main recipe's:
+# the same model, messages and seed sample the same answers, and evaluate resumes from the answers it finds.
+BASE_ANSWERS, SFT_ANSWERS = "eval/_work/base", "eval/_work/sft"
 RECIPES = {  # name -> (overrides, outputs copied from the main recipe of the same seed)
     "main": ([], ()),
-    "no_sft": (["policy.sft=false"], ()),
+    "no_sft": (["policy.sft=false"], (BASE_ANSWERS,)),
     "sft_only": None,  # read from the main recipe's summary
-    "judge": (["ppo.reward=judge"], ("sft", "pm")),
+    "judge": (["ppo.reward=judge"], ("sft", "pm", BASE_ANSWERS, SFT_ANSWERS)),
     "ppo": (["ppo.advantage=gae", "ppo.samples_per_prompt=1", "ppo.prompts_per_iteration=16", "ppo.kl_penalty=reward",
-             "ppo.kl_estimator=k1", "ppo.critic_init=pm"], ("sft", "pm")),
+             "ppo.kl_estimator=k1", "ppo.critic_init=pm"], ("sft", "pm", BASE_ANSWERS, SFT_ANSWERS)),
 }
 
 
@@ -57,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--data-seed", type=int, default=0, help="run.seed of the data stages (the main job's: 0)")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--main-run", help="a finished run of --config (the main job's runs/small): its data stages are "
+                   "the data, and it is the main recipe of its own run.seed (not run again)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every recipe")
     return p.parse_args(argv)
 
@@ -137,8 +144,29 @@ def ablation_table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def main_run_seed(args) -> int | None:
+    """run.seed of --main-run (from its resolved config.yaml), whose data it must share: None without one."""
+    if not args.main_run:
+        return None
+    import yaml
+
+    resolved = yaml.safe_load((Path(args.main_run) / "config.yaml").read_text())
+    if resolved["run"]["seed"] != args.data_seed:
+        raise SystemExit(f"--main-run {args.main_run} ran with run.seed {resolved['run']['seed']}, not --data-seed "
+                         f"{args.data_seed}: its data is not the ablation's")
+    return resolved["run"]["seed"]
+
+
+def copy_stages(source: Path, target: Path, folders) -> None:
+    for folder in folders:
+        if not (target / folder).exists():
+            shutil.copytree(source / folder, target / folder, ignore=shutil.ignore_patterns("_train", ".tmp*"))
+
+
 def run_data(args) -> Path:
     data = Path(args.output_dir) / "data"
+    if args.main_run:
+        copy_stages(Path(args.main_run), data, DATA)
     for stage in ("synthesize", "respond", "rank"):
         character_run(args.config, data, [f"run.seed={args.data_seed}", *args.overrides], stage)
     return data
@@ -155,11 +183,14 @@ def run_seed(args, seed: int, data: Path) -> dict[str, dict]:
             continue
         overrides, shared = RECIPES[name]
         run_dir = base / name
-        for folder in (*DATA, *shared):
-            source = (data if folder in DATA else base / "main") / folder
-            if not (run_dir / folder).exists():
-                shutil.copytree(source, run_dir / folder, ignore=shutil.ignore_patterns("_train", ".tmp*"))
-        character_run(args.config, run_dir, [*common, *overrides])
+        if name == "main" and seed == main_run_seed(args):
+            # The main job itself, with the same config and seed: its stages as they are (evaluate would redo
+            # a copied eval/, whose summary names the other folder's models).
+            copy_stages(Path(args.main_run), run_dir, (*DATA, "sft", "pm", "policy", "eval"))
+        else:
+            copy_stages(data, run_dir, DATA)
+            copy_stages(base / "main", run_dir, shared)
+            character_run(args.config, run_dir, [*common, *overrides])
         summary = json.loads((run_dir / "eval" / "summary.json").read_text())
         pm_metrics = run_dir / "pm" / "metrics.json"
         pm = json.loads(pm_metrics.read_text()) if pm_metrics.exists() else None

@@ -110,6 +110,43 @@ def test_bf16_zero2_trains_in_bf16_with_fp32_master_weights(dist_group, repo):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("param/"))
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_training_keeps_the_fp32_weights_it_loaded_as_its_master_weights(dist_group, repo, stage):
+    """build_trainable under bf16: the module computes in bf16, and DeepSpeed's fp32 master weights are the
+    weights as loaded, not their bf16 rounding (which DeepSpeed copies by default); an fp32 export
+    (full_state_dict dtype float32) returns them, and after a step the masters have moved off bf16 values."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from character.core.config import TrainConfig
+    from character.training.deepspeed_setup import adamw, build_trainable, full_state_dict
+
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    loaded = LlamaForSequenceClassification(config).state_dict()
+    ds = deepspeed_config(TrainConfig(deepspeed_config=str(repo / f"configs/deepspeed/zero{stage}.json")),
+                          2, ACCUM, 1, "bfloat16")
+
+    def factory(torch_dtype):
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(config).to(torch_dtype)
+
+    engine, model = build_trainable(factory, ds, "bfloat16", lambda m: adamw(m.parameters(), lr=1e-2))
+    assert engine.bfloat16_enabled() and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.training
+    weight = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(loaded[weight], loaded[weight].bfloat16().float())  # rounding would show
+    for name, param in model.named_parameters():
+        assert torch.equal(safe_get_full_fp32_param(param), loaded[name]), name
+    assert torch.equal(full_state_dict(engine, dtype="float32")[weight], loaded[weight])
+    assert full_state_dict(engine)[weight].dtype == torch.bfloat16  # without dtype: the module's own
+    _, applied = accumulation_step([engine], _losses(engine, 0), ACCUM)
+    assert applied
+    moved = full_state_dict(engine, dtype="float32")[weight]
+    assert not torch.equal(moved, loaded[weight]) and not torch.equal(moved, moved.bfloat16().float())
+
+
 def _lora_engine(repo, stage: int):
     import deepspeed
     from peft import get_peft_model

@@ -101,3 +101,22 @@ def test_the_learning_ablation_table_reads_each_recipes_summary_and_counts_seeds
     assert table[0].startswith("| recipe | seeds | trait score: a | trait score: b | probe |")
     assert table[2].startswith("| main | 2 | +0.125 (1/2) | +0.125 (1/2) | +0.000 (0/2) | 0.400 | 0.10 | 2.00 |")
     assert table[2].endswith("of 100 | 21.0 |") and table[3].endswith("| - | 8.0 |")
+
+
+def test_the_learning_ablation_takes_the_main_jobs_run_as_its_data_only_when_their_seeds_agree(tmp_path):
+    from benchmarks.learning import copy_stages, main_run_seed, parse_args
+
+    run = tmp_path / "small"
+    for folder in ("messages", "sft", "sft/_train"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "_SUCCESS").write_text("{}")
+    (run / "config.yaml").write_text("run: {seed: 0, output_dir: small}\n")
+    assert main_run_seed(parse_args(["--main-run", str(run)])) == 0
+    assert main_run_seed(parse_args([])) is None
+    with pytest.raises(SystemExit, match="run.seed 0, not --data-seed 3"):
+        main_run_seed(parse_args(["--main-run", str(run), "--data-seed", "3"]))
+    copy_stages(run, tmp_path / "copy", ("messages", "sft"))
+    assert (tmp_path / "copy" / "messages" / "_SUCCESS").exists() and not (tmp_path / "copy" / "sft" / "_train").exists()
+    (run / "messages" / "_SUCCESS").write_text('{"changed": 1}')
+    copy_stages(run, tmp_path / "copy", ("messages",))  # a folder already there is kept, not overwritten
+    assert (tmp_path / "copy" / "messages" / "_SUCCESS").read_text() == "{}"

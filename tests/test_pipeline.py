@@ -335,6 +335,9 @@ def test_character_run_skips_complete_stages_then_trains_the_same_pairs_by_sft_a
         summary = json.loads(f.read())
     assert summary["trained_model"] == f"{run_uri}/dpo" and summary["score"] == "DPO implicit reward"
     assert summary["sft_model"] == f"{run_uri}/sft" and summary["sft"]["overall"]["held_out"]["n_samples"] > 0
+    # the SFT model answers the capability questions too: what SFT alone cost, beside the final model's
+    assert summary["capability"]["sft"]["n"] == summary["capability"]["base"]["n"]
+    assert set(summary["capability"]["kept"]) == {"sft", "trained"}
     with fs.open_input_stream(f"{root}/dpo/metrics.json") as f:
         metrics = json.loads(f.read())
     assert metrics["reference"] == "online" and metrics["train_pairs"] > 0 and metrics["eval_pairs"] > 0

@@ -155,10 +155,11 @@ def test_stopped_ppo_resumes_to_the_same_policy_with_one_kl_coefficient_and_ever
         x["iteration"] for x in lines if "eval_reward" in x]
 
 
-def test_a_bf16_ppo_iteration_trains_exports_bf16_and_is_redone_once_its_output_is_deleted(tmp_path, messages,
-                                                                                            make_config):
+def test_a_bf16_ppo_iteration_trains_exports_fp32_masters_and_is_redone_once_its_output_is_deleted(
+        tmp_path, messages, make_config):
     """train.dtype bfloat16 on CPU: policy, critic and reference in bf16 under ZeRO-2 (bf16 section in the
-    DeepSpeed config), losses in fp32, bf16 weights synced into the fp32 vLLM engine, a bf16 export.
+    DeepSpeed config), losses in fp32, bf16 weights synced into the fp32 vLLM engine, and an export in
+    model.dtype (float32): the optimizer's fp32 master weights, not their bf16 rounding.
     Then `policy/` is deleted (its metric history with it) while the last Ray Train checkpoint stays: the
     stage starts afresh instead of resuming past every iteration and failing on the lost history."""
     import math
@@ -171,7 +172,10 @@ def test_a_bf16_ppo_iteration_trains_exports_bf16_and_is_redone_once_its_output_
     for key in ("reward", "kl", "policy_loss", "value_loss", "entropy", "eval_reward"):
         assert math.isfinite(it[key]), (key, it)
     assert it["skipped"] == 0
-    assert {v.dtype for v in load_file(str(tmp_path / "policy" / "model.safetensors")).values()} == {torch.bfloat16}
+    exported = load_file(str(tmp_path / "policy" / "model.safetensors"))
+    assert {v.dtype for v in exported.values()} == {torch.float32}
+    weight = exported["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(weight, weight.bfloat16().float())  # the masters, not bf16 values stored as fp32
 
     assert list((tmp_path / "_train" / "policy").glob("checkpoint_*"))
     shutil.rmtree(tmp_path / "policy")

@@ -46,7 +46,8 @@ class TrainConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
         "Weights and activations of the trained and frozen models (PM, policy, critic, reference); \"auto\": "
         "model.dtype. bfloat16/float16 add the matching section to the DeepSpeed config (fp32 master weights in "
-        "the optimizer); losses, advantages and log-probabilities are computed in fp32 either way."))
+        "the optimizer); losses, advantages and log-probabilities are computed in fp32 either way. Exports are in "
+        "model.dtype: bf16 training of a float32 model exports the fp32 master weights."))
     max_failures: int = Field(1, ge=-1, description=(
         "Ray Train FailureConfig: restarts from the latest checkpoint (-1: no limit)."))
     checkpoint_every: int = Field(20, ge=1, description=(

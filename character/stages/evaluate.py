@@ -45,7 +45,8 @@ from character.training.scoring import evaluation_scorer
 
 SPEC = spec_of(__name__)
 COMPARED = ("trained", "sft")  # the models judged against the base, each on the base's answer of the same sample
-CAPABILITY = ("base", "trained")  # the models asked the capability questions: the alignment tax is final vs base
+# The models asked the capability questions: the alignment tax is final vs base, and SFT's share of it.
+CAPABILITY = ("base", "sft", "trained")
 MEASURES = 2  # eval/ written with fewer measures than this (an older release) is evaluated again
 _WORD = re.compile(r"\w+")
 

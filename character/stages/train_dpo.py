@@ -125,7 +125,7 @@ def train_loop(loop_config: dict) -> None:
                             cfg.calibration_bins)
 
     summary = training.run(micro_loss, evaluate, {"reference": table} if table is not None else {})
-    weights = full_state_dict(engine)  # a collective under ZeRO-3: every rank
+    weights = full_state_dict(engine, dtype=config.model.dtype)  # a collective: every rank
     plain_model_construction()
     if training.rank == 0:
         lora.export("policy", config.train.lora, AutoModelForCausalLM, model.config, weights, tokenizer,

@@ -16,7 +16,7 @@ from character.execution.registry import spec_of
 from character.execution.runtime import StageResult
 from character.models import lora
 from character.models.loading import load_tokenizer, resolve_model
-from character.training.deepspeed_setup import (adamw, build_under_zero, deepspeed_config, full_state_dict,
+from character.training.deepspeed_setup import (adamw, build_trainable, build_under_zero, deepspeed_config, full_state_dict,
                                                 plain_model_construction, setup_distributed)
 from character.training.losses import bradley_terry_loss
 from character.training.pairs import PairTraining, gather_pair_scores, load_pairs, pair_metrics
@@ -61,7 +61,6 @@ def pair_scores_table(train: list[dict], held: list[dict], chosen: list[float], 
 
 
 def train_loop(loop_config: dict) -> None:
-    import deepspeed
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -75,12 +74,11 @@ def train_loop(loop_config: dict) -> None:
                                 cfg.pairs_per_message)
     world = torch.distributed.get_world_size()
     ds = deepspeed_config(config.train, cfg.micro_batch_size, cfg.grad_accum, world, config.train_dtype)
-    model = lora.wrap(build_under_zero(lambda: AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(base), num_labels=1, pad_token_id=tokenizer.pad_token_id,
-        dtype=getattr(torch, config.train_dtype)), ds), config.train.lora, "pm")
-    optimizer = adamw(lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
-    engine.train()  # from_pretrained returns eval mode: LoRA dropout would apply only after the first evaluation
+    engine, model = build_trainable(lambda torch_dtype: lora.wrap(build_under_zero(
+        lambda: AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(base), num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch_dtype), ds),
+        config.train.lora, "pm"), ds, config.train_dtype,
+        lambda model: adamw(lora.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay))
     training = PairTraining(config, cfg, {"pm": engine}, train, SPEC.output, loop_config.get("tracking"))
 
     def micro_loss(rows: list[dict]):
@@ -91,7 +89,7 @@ def train_loop(loop_config: dict) -> None:
 
     summary = training.run(micro_loss, lambda: _evaluate(engine, tokenizer, held, cfg, training.rank, training.world))
     scores = _pair_rewards(engine, tokenizer, train + held, cfg, training.rank, training.world) if cfg.score_pairs else None
-    weights = full_state_dict(engine)
+    weights = full_state_dict(engine, dtype=config.model.dtype)  # a collective: every rank
     plain_model_construction()
     if training.rank == 0:
         _export(config, model, weights, tokenizer, {**summary, "eval_pairs_total": len(held),

@@ -70,7 +70,7 @@ def train_loop(loop_config: dict) -> None:
         return completion_nll(*target_logprobs(engine, tokenizer, rows, systems, cfg.max_length))
 
     summary = training.run(micro_loss, evaluate, {"nll_before": before})
-    weights = full_state_dict(engine)  # a collective under ZeRO-3: every rank
+    weights = full_state_dict(engine, dtype=config.model.dtype)  # a collective: every rank
     plain_model_construction()
     if training.rank == 0:
         metrics = {**summary, "eval_nll_before": before["eval_nll"], "per_trait_nll_before": before["per_trait_nll"],

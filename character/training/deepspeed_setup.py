@@ -82,16 +82,38 @@ def setup_distributed(use_gpu: bool) -> None:
 def trainable_policy(model_name: str, train: TrainConfig, ds: dict, dtype: str, **optimizer):
     """A causal LM (the policy of train-sft, train-dpo and train-ppo) from `model_name`, built under ZeRO-3 where
     `ds` asks for it, with train.lora's adapters, in a DeepSpeed engine whose AdamW (`optimizer`: lr, ...)
-    steps its trainable parameters, in training mode (from_pretrained returns eval mode: LoRA dropout would
-    apply only after the first evaluation). Returns (the engine, the model it wraps)."""
-    import deepspeed
-    import torch
+    steps its trainable parameters (build_trainable). Returns (the engine, the model it wraps)."""
     from transformers import AutoModelForCausalLM
 
-    path, torch_dtype = resolve_model(model_name), getattr(torch, dtype)
-    model = lora.wrap(build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype), ds),
-                      train.lora, "policy")
-    engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=adamw(lora.trainable(model), **optimizer))
+    path = resolve_model(model_name)
+    return build_trainable(lambda torch_dtype: lora.wrap(build_under_zero(
+        lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype), ds), train.lora, "policy"),
+        ds, dtype, lambda model: adamw(lora.trainable(model), **optimizer))
+
+
+def build_trainable(factory, ds: dict, dtype: str, optimizer):
+    """(engine, model): `factory(torch_dtype)` builds the model, `optimizer(model)` its optimizer, in a DeepSpeed
+    engine in training mode (from_pretrained returns eval mode: LoRA dropout would apply only after the first
+    evaluation). bf16 under ZeRO-1/2: the model is built in fp32, its trainable weights kept, the module cast
+    to bf16, and DeepSpeed's fp32 master weights set back to the kept values (safe_set_full_fp32_param).
+    DeepSpeed copies its masters from the bf16 module, and that rounding alone moves SmolLM2-135M's per-token
+    log-probs by 0.2 nats on average: more than a short fine-tune moves them, and kept in every export.
+    (ZeRO-3 builds its partitions in the training dtype at construction: its masters start rounded.)"""
+    import deepspeed
+    import torch
+
+    exact = dtype == "bfloat16" and zero_stage(ds) < 3
+    model = factory(torch.float32 if exact else getattr(torch, dtype))
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if exact else {}
+    if exact:
+        model.to(torch.bfloat16)
+    engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=optimizer(model))
+    if exact:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, param in model.named_parameters():
+            if name in kept:
+                safe_set_full_fp32_param(param, kept[name])
     engine.train()
     return engine, model
 
@@ -109,20 +131,43 @@ def build_under_zero(factory, ds: dict):
     return factory()
 
 
-def full_state_dict(engine, keep: bool = True, copy: bool = True) -> dict | None:
-    """Full fp32 weights (gathering ZeRO-3 partitions: a collective, call it on every rank). `keep=False`
+def full_state_dict(engine, keep: bool = True, copy: bool = True, dtype: str | None = None) -> dict | None:
+    """Full weights (gathering ZeRO-3 partitions: a collective, call it on every rank). `keep=False`
     returns None (a rank that only takes part in the gather); `copy=False` returns views of the live
-    parameters where ZeRO does not partition them (valid until the next optimizer step)."""
+    parameters where ZeRO does not partition them (valid until the next optimizer step). `dtype="float32"` on
+    a bf16 engine returns the optimizer's fp32 master weights of the trained parameters (DeepSpeed's
+    safe_get_full_fp32_param: a collective on every rank) instead of their bf16 rounding, which moves a 135M
+    model's answers more than a short fine-tune does; an export in model.dtype float32 asks for it."""
     import deepspeed
 
     model = engine.module
+    master = _master_weights(engine) if dtype == "float32" and engine.bfloat16_enabled() else {}
     if zero_stage(engine.config) == 3:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             # The gathered storage is freed on leaving the context: copy what is kept.
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep else None
+            return ({k: master.get(k, v.detach().cpu().clone()) for k, v in model.state_dict().items()}
+                    if keep else None)
     if not keep:
         return None
-    return {k: (v.detach().cpu().clone() if copy else v.detach().cpu()) for k, v in model.state_dict().items()}
+    return {k: master.get(k, v.detach().cpu().clone() if copy else v.detach().cpu())
+            for k, v in model.state_dict().items()}
+
+
+def _master_weights(engine) -> dict:
+    """state-dict key -> the fp32 master copy of each trained parameter (tied keys share one), on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    by_param: dict[int, object] = {}
+    master = {}
+    for key, param in engine.module.state_dict(keep_vars=True).items():  # the same order on every rank
+        if not getattr(param, "requires_grad", False):
+            continue
+        if id(param) not in by_param:
+            full = safe_get_full_fp32_param(param)
+            by_param[id(param)] = None if full is None else full.detach().cpu().clone()
+        if by_param[id(param)] is not None:
+            master[key] = by_param[id(param)]
+    return master
 
 
 def plain_model_construction() -> None:

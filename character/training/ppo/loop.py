@@ -25,7 +25,7 @@ from character.core.config import Config
 from character.core.store import StageOutput, seed_from_id, stable_id
 from character.data.pm_data import chat_prefix, epoch_order
 from character.data.splits import ppo_messages
-from character.inference.rollout import SyncError, SyncProbe, arrays_for_engines, sync_tolerance
+from character.inference.rollout import SyncError, SyncProbe, arrays_for_engines, sync_check
 from character.models import lora
 from character.models.loading import load_tokenizer
 from character.models.lora import merged_weights, parameter_counts
@@ -128,8 +128,7 @@ class PPOWorker:
             config, self.world)
         self.tie = bool(self.policy_model.config.tie_word_embeddings)
         self.adapters = config.train.lora
-        self.probe = SyncProbe(self.prompt_ids(self.held[:1])[0],
-                               sync_tolerance(config.train_dtype, config.model.dtype))
+        self.probe = SyncProbe(self.prompt_ids(self.held[:1])[0], *sync_check(config.train_dtype, config.model.dtype))
         state = restore(self.engines_to_save()) or {
             "iteration": 0, "kl_coef": self.cfg.kl_coef, "guard": [0, 0]}
         restore_rng(state)
@@ -305,7 +304,7 @@ class PPOWorker:
         model at policy/ with export.merged)."""
         from transformers import AutoModelForCausalLM
 
-        weights = full_state_dict(self.policy)  # a collective under ZeRO-3: every rank
+        weights = full_state_dict(self.policy, dtype=self.config.model.dtype)  # a collective: every rank
         plain_model_construction()
         if self.rank == 0:
             lora.export("policy", self.adapters, AutoModelForCausalLM, self.policy_model.config, weights,

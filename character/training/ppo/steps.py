@@ -11,8 +11,8 @@ from character.core.store import StageOutput
 from character.models import lora
 from character.models.loading import resolve_model
 from character.models.lora import adapter_disabled
-from character.training.deepspeed_setup import (adamw, build_under_zero, deepspeed_config, frozen_engine,
-                                                trainable_policy)
+from character.training.deepspeed_setup import (adamw, build_trainable, build_under_zero, deepspeed_config,
+                                                frozen_engine, trainable_policy)
 from character.training.estimators import AdvantageInputs, estimator, policy_loss, uses_critic
 from character.training.losses import clipped_value_loss, kl_per_token, masked_mean, zero_variance_groups
 from character.training.ppo import rollouts as ppo
@@ -37,15 +37,14 @@ def build_models(config: Config, world: int):
     base = resolve_model(config.start_model)  # sft/ with policy.sft: the policy, its reference and critic start there
     adapters = config.train.lora
     policy, policy_model = trainable_policy(config.start_model, config.train, ds, config.train_dtype, lr=cfg.lr)
-    critic = build_critic(config, ds, dtype, base) if uses_critic(cfg) else None
+    critic = build_critic(config, ds, base) if uses_critic(cfg) else None
     reference = None if adapters.enabled else frozen_engine(
         build_under_zero(lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ds), ds)
     scorer = SequenceScorer(config, build=lambda factory: frozen_engine(build_under_zero(factory, ds), ds))
     return policy, critic, reference, scorer, policy_model, micro
 
 
-def build_critic(config: Config, ds: dict, dtype, base: str):
-    import deepspeed
+def build_critic(config: Config, ds: dict, base: str):
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     cfg, adapters = config.ppo, config.train.lora
@@ -54,11 +53,9 @@ def build_critic(config: Config, ds: dict, dtype, base: str):
     # No dropout in the value head (HF's token classifiers default to 0.1): the values of the clipped value
     # loss would otherwise be noisy copies of the scoring pass's `old_values`.
     critic_config.classifier_dropout = 0.0
-    critic_model = lora.wrap(build_under_zero(lambda: AutoModelForTokenClassification.from_pretrained(
-        critic_src, config=critic_config, dtype=dtype), ds), adapters, "critic")
-    critic, *_ = deepspeed.initialize(model=critic_model, config=ds,
-                                      optimizer=adamw(lora.trainable(critic_model), lr=cfg.critic_lr))
-    critic.train()
+    critic, _ = build_trainable(lambda torch_dtype: lora.wrap(build_under_zero(
+        lambda: AutoModelForTokenClassification.from_pretrained(critic_src, config=critic_config, dtype=torch_dtype),
+        ds), adapters, "critic"), ds, config.train_dtype, lambda model: adamw(lora.trainable(model), lr=cfg.critic_lr))
     return critic
 
 
