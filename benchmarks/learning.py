@@ -16,8 +16,8 @@ model, identical share, KL to the base, the PM's validation accuracy [Wilson int
 (the seconds of every stage it ran or reused, from their _SUCCESS records; evaluate's own, which reuses the
 main recipe's base and SFT answers, counts only the answers it made). Each cell is the mean over seeds;
 "k/n" counts the seeds whose 95 % interval lies above zero. Everything lands in <out>/learning.json, and the
-table in <out>/learning.md (the README's copy). Not part of CI: about 55 minutes per seed on a 2-core box, with
-nothing else running.
+table in <out>/learning.md (the README's copy). Not part of CI: about 60 minutes per seed on a 2-core box (36 for
+the seed whose main recipe --main-run supplies), with nothing else running.
 
 Run (from the repository root):
   .venv/bin/python benchmarks/learning.py                          # 3 seeds, every recipe
