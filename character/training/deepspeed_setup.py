@@ -145,11 +145,11 @@ def full_state_dict(engine, keep: bool = True, copy: bool = True, dtype: str | N
     if zero_stage(engine.config) == 3:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             # The gathered storage is freed on leaving the context: copy what is kept.
-            return ({k: master.get(k, v.detach().cpu().clone()) for k, v in model.state_dict().items()}
+            return ({k: master[k] if k in master else v.detach().cpu().clone() for k, v in model.state_dict().items()}
                     if keep else None)
     if not keep:
         return None
-    return {k: master.get(k, v.detach().cpu().clone() if copy else v.detach().cpu())
+    return {k: master[k] if k in master else (v.detach().cpu().clone() if copy else v.detach().cpu())
             for k, v in model.state_dict().items()}
 
 
