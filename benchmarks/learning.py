@@ -172,7 +172,7 @@ def run_data(args) -> Path:
     return data
 
 
-def run_seed(args, seed: int, data: Path) -> dict[str, dict]:
+def run_seed(args, seed: int, data: Path, main_seed: int | None) -> dict[str, dict]:
     base = Path(args.output_dir) / f"seed{seed}"
     base.mkdir(parents=True, exist_ok=True)
     common = [f"run.seed={seed}", *args.overrides]
@@ -183,7 +183,7 @@ def run_seed(args, seed: int, data: Path) -> dict[str, dict]:
             continue
         overrides, shared = RECIPES[name]
         run_dir = base / name
-        if name == "main" and seed == main_run_seed(args):
+        if name == "main" and seed == main_seed:
             # The main job itself, with the same config and seed: its stages as they are (evaluate would redo
             # a copied eval/, whose summary names the other folder's models).
             copy_stages(Path(args.main_run), run_dir, (*DATA, "sft", "pm", "policy", "eval"))
@@ -206,8 +206,9 @@ def run_seed(args, seed: int, data: Path) -> dict[str, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
+    main_seed = main_run_seed(args)  # a --main-run of another seed is refused before anything is copied or run
     data = run_data(args)
-    results = {seed: run_seed(args, seed, data) for seed in args.seeds}
+    results = {seed: run_seed(args, seed, data, main_seed) for seed in args.seeds}
     by_recipe = {name: [results[s][name] for s in args.seeds if name in results[s]] for name in RECIPES}
     table = ablation_table(by_recipe)
     out = Path(args.output_dir)

@@ -116,7 +116,8 @@ def test_the_learning_ablation_takes_the_main_jobs_run_as_its_data_only_when_the
     with pytest.raises(SystemExit, match="run.seed 0, not --data-seed 3"):
         main_run_seed(parse_args(["--main-run", str(run), "--data-seed", "3"]))
     copy_stages(run, tmp_path / "copy", ("messages", "sft"))
-    assert (tmp_path / "copy" / "messages" / "_SUCCESS").exists() and not (tmp_path / "copy" / "sft" / "_train").exists()
+    copied = tmp_path / "copy"
+    assert (copied / "messages" / "_SUCCESS").exists() and not (copied / "sft" / "_train").exists()
     (run / "messages" / "_SUCCESS").write_text('{"changed": 1}')
     copy_stages(run, tmp_path / "copy", ("messages",))  # a folder already there is kept, not overwritten
     assert (tmp_path / "copy" / "messages" / "_SUCCESS").read_text() == "{}"

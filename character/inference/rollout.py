@@ -139,6 +139,6 @@ class SyncProbe:
         drift = float(np.max(np.abs(engines[0] - np.asarray(self.initial))))
         if not diff <= self.tolerance:  # NaN fails too
             raise SyncError(f"after the weight sync of version {version} the vLLM engines do not serve the trained "
-                            f"policy: {self.statistic} |log p(engine) - log p(policy)| over a {len(self.token_ids)}-token probe is "
-                            f"{diff:.3g} (tolerance {self.tolerance:g}); rollouts would come from other weights")
+                            f"policy: {self.statistic} |log p(engine) - log p(policy)| over a "
+                            f"{len(self.token_ids)}-token probe is {diff:.3g} (tolerance {self.tolerance:g}); rollouts would come from other weights")
         return {"sync_logprob_diff": diff, "engine_drift": drift}

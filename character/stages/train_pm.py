@@ -16,8 +16,8 @@ from character.execution.registry import spec_of
 from character.execution.runtime import StageResult
 from character.models import lora
 from character.models.loading import load_tokenizer, resolve_model
-from character.training.deepspeed_setup import (adamw, build_trainable, build_under_zero, deepspeed_config, full_state_dict,
-                                                plain_model_construction, setup_distributed)
+from character.training.deepspeed_setup import (adamw, build_trainable, build_under_zero, deepspeed_config,
+                                                full_state_dict, plain_model_construction, setup_distributed)
 from character.training.losses import bradley_terry_loss
 from character.training.pairs import PairTraining, gather_pair_scores, load_pairs, pair_metrics
 from character.training.scoring import pm_rewards
