@@ -43,15 +43,16 @@ from benchmarks._harness import ROOT  # noqa: E402
 
 DATA = ("messages", "responses", "preferences")
 # The base model's evaluation answers (and the SFT model's, where the recipe shares it) are the main recipe's:
-# the same model, messages and seed sample the same answers, and evaluate resumes from the answers it finds.
-BASE_ANSWERS, SFT_ANSWERS = "eval/_work/base", "eval/_work/sft"
+# the same model, messages and seed sample the same answers, and evaluate resumes from the answers it finds. The
+# ruler's numbers of them are the main recipe's too (evaluate measures only what eval/_work/ruler does not hold).
+BASE_ANSWERS, SFT_ANSWERS, RULER = "eval/_work/base", "eval/_work/sft", "eval/_work/ruler"
 RECIPES = {  # name -> (overrides, outputs copied from the main recipe of the same seed)
     "main": ([], ()),
-    "no_sft": (["policy.sft=false"], (BASE_ANSWERS,)),
+    "no_sft": (["policy.sft=false"], (BASE_ANSWERS, RULER)),
     "sft_only": None,  # read from the main recipe's summary
-    "judge": (["ppo.reward=judge"], ("sft", "pm", BASE_ANSWERS, SFT_ANSWERS)),
+    "judge": (["ppo.reward=judge"], ("sft", "pm", BASE_ANSWERS, SFT_ANSWERS, RULER)),
     "ppo": (["ppo.advantage=gae", "ppo.samples_per_prompt=1", "ppo.prompts_per_iteration=16", "ppo.kl_penalty=reward",
-             "ppo.kl_estimator=k1", "ppo.critic_init=pm"], ("sft", "pm", BASE_ANSWERS, SFT_ANSWERS)),
+             "ppo.kl_estimator=k1", "ppo.critic_init=pm"], ("sft", "pm", BASE_ANSWERS, SFT_ANSWERS, RULER)),
 }
 
 
@@ -157,10 +158,13 @@ def main_run_seed(args) -> int | None:
     return resolved["run"]["seed"]
 
 
-def copy_stages(source: Path, target: Path, folders) -> None:
+def copy_stages(source: Path, target: Path, folders, optional=(RULER,)) -> None:
+    """Each folder of `source` into `target` where `target` has none; an `optional` one `source` lacks is skipped (a
+    main recipe evaluated before evaluate kept its ruler's numbers has no eval/_work/ruler)."""
     for folder in folders:
-        if not (target / folder).exists():
-            shutil.copytree(source / folder, target / folder, ignore=shutil.ignore_patterns("_train", ".tmp*"))
+        if (target / folder).exists() or (folder in optional and not (source / folder).exists()):
+            continue
+        shutil.copytree(source / folder, target / folder, ignore=shutil.ignore_patterns("_train", ".tmp*"))
 
 
 def run_data(args) -> Path:

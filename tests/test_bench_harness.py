@@ -104,7 +104,7 @@ def test_the_learning_ablation_table_reads_each_recipes_summary_and_counts_seeds
 
 
 def test_the_learning_ablation_takes_the_main_jobs_run_as_its_data_only_when_their_seeds_agree(tmp_path):
-    from benchmarks.learning import copy_stages, main_run_seed, parse_args
+    from benchmarks.learning import RULER, copy_stages, main_run_seed, parse_args
 
     run = tmp_path / "small"
     for folder in ("messages", "sft", "sft/_train"):
@@ -121,3 +121,7 @@ def test_the_learning_ablation_takes_the_main_jobs_run_as_its_data_only_when_the
     (run / "messages" / "_SUCCESS").write_text('{"changed": 1}')
     copy_stages(run, tmp_path / "copy", ("messages",))  # a folder already there is kept, not overwritten
     assert (tmp_path / "copy" / "messages" / "_SUCCESS").read_text() == "{}"
+    copy_stages(run, tmp_path / "copy", (RULER,))  # kept ruler numbers are optional: none to copy, none copied
+    assert not (copied / RULER).exists()
+    with pytest.raises(FileNotFoundError):  # a stage the recipe shares is not: its absence is an error
+        copy_stages(run, tmp_path / "copy", ("pm",))

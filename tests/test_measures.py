@@ -274,6 +274,36 @@ def test_trait_scores_and_the_base_log_prob_match_a_hugging_face_forward_pass():
     assert [e["trait"] for e in flat[0]["trait_scores"]] == ["honesty", "curiosity"]
 
 
+def test_kept_ruler_numbers_are_measured_once_and_read_back_bit_for_bit(tmp_path):
+    """KeptLogprobs (evaluate's ruler numbers under eval/_work/ruler): a second evaluate over the same folder (a
+    resume, or a run given another's base answers) asks the ruler only for what is not kept, and gets back the very
+    floats computed, a None (did not fit) and an empty answer included; another ruler's numbers are not reused."""
+    from character.core.store import StageOutput
+    from character.judging.ruler import KeptLogprobs
+
+    asked = []
+
+    def ruler(items):
+        asked.append(list(items))
+        return [None if ids == (9,) else [math.sqrt(len(system) + k + 0.1) / 3 for k in ids]
+                for system, _, ids in items]
+
+    out = StageOutput(str(tmp_path), "eval")
+    items = [("", "hi", (1, 2)), ("be curious", "hi", [1, 2]), ("", "hi", (9,)), ("", "hi", ()), ("", "hi", [1, 2])]
+    first = KeptLogprobs(ruler, "tiny|float32|512", out, "_work", "ruler")(items)
+    assert len(asked) == 1 and len(asked[0]) == 4  # the repeated (system, message, ids) measured once
+    assert first[0] == first[4] and first[2] is None and first[3] == []
+
+    more = [*items, ("be curious", "hello", (3,))]
+    again = KeptLogprobs(ruler, "tiny|float32|512", out, "_work", "ruler")(more)
+    assert asked[1] == [("be curious", "hello", (3,))]  # only what was not kept
+    assert again[:5] == first  # == on floats: bit for bit
+    assert again[5] == [math.sqrt(len("be curious") + 3 + 0.1) / 3]
+    KeptLogprobs(ruler, "tiny|float32|256", out, "_work", "ruler")(items[:1])
+    assert asked[2] == [("", "hi", (1, 2))]  # another max_model_len: another ruler
+    assert out.read("_work", "ruler").num_rows == 4 + 1 + 1
+
+
 @pytest.mark.parametrize("per_token", [False, True])
 def test_a_contrast_judge_over_the_base_model_wins_from_the_rulers_contrasts(make_config, tmp_path, per_token):
     """evaluate.judge contrast on the base model: P(first better) = sigmoid((s_model - s_base) / temperature), s the

@@ -251,6 +251,11 @@ def _check_measures(summary: dict, run_dir) -> None:
     assert capability["base"]["n"] == capability["trained"]["n"] >= 60 and set(capability["kept"]) == {"trained"}
     replies = json.loads((run_dir / "eval" / "capability.json").read_text())["replies"]
     assert len(replies["base"]) == capability["base"]["n"]
+    # the ruler's numbers are kept (eval/_work/ruler), and they are the ones every row was measured with
+    kept = StageOutput(str(run_dir), "eval").read("_work", "ruler").to_pylist()
+    plain = {(k["message"], math.fsum(k["logprobs"])) for k in kept if k["system"] == "" and k["logprobs"] is not None}
+    assert all((r["prompt"], r["logprob_base"]) in plain for r in rows if r["logprob_base"] is not None)
+    assert len(kept) == len({(k["system"], k["message"], tuple(k["token_ids"])) for k in kept})
 
 
 def _tracked_runs(db) -> tuple:

@@ -35,7 +35,7 @@ from character.execution.runtime import StageResult, batch_key, consume_counts, 
 from character.execution.stage_run import run_stage
 from character.inference.engine import ChatGenerator, actor_pool_args, engine_sized_blocks, generation_pool_args
 from character.judging.judge import Comparison, build_judge, contrast_prob, judge_name
-from character.judging.ruler import BaseRuler
+from character.judging.ruler import BaseRuler, KeptLogprobs
 from character.judging.ranking import soft_label
 from character.reporting.capability import (CAPABILITY_SPLIT, capability_accuracy, capability_items,
                                             capability_message_id, capability_prompts)
@@ -47,6 +47,7 @@ SPEC = spec_of(__name__)
 COMPARED = ("trained", "sft")  # the models judged against the base, each on the base's answer of the same sample
 # The models asked the capability questions: the alignment tax is final vs base, and SFT's share of it.
 CAPABILITY = ("base", "sft", "trained")
+RULER_KEPT = ("_work", "ruler")  # under eval/: the ruler's numbers, kept (character/judging/ruler.py KeptLogprobs)
 MEASURES = 2  # eval/ written with fewer measures than this (an older release) is evaluated again
 _WORD = re.compile(r"\w+")
 
@@ -78,13 +79,16 @@ class EvalWorker:
         self.systems = {t.name: character_system_prompt(t, constitution, "trait") for t in constitution.traits}
         judged = self.config.model_copy(update={"judge": self.config.evaluate.judge})
         self.judge_name = judge_name(judged)
+        self.out = StageOutput(self.config.run.output_dir, SPEC.output)
         self.ruler = base_ruler(self.config)
+        # Its numbers kept under eval/_work/ruler: a resumed evaluate, or a run given another's base answers,
+        # measures each (system, message, answer) once.
+        self.ruler_logprobs = KeptLogprobs(self.ruler.token_logprobs, self.ruler.identity, self.out, *RULER_KEPT)
         # A contrast judge over the base model is the ruler's own contrast: its win probabilities come from the
         # ruler's numbers (_prob_first), with no vLLM engine and no second pass over the answers.
         self.judge = None if self.judge_name == f"contrast:{self.config.model.name}" else build_judge(judged)
         # The PM scores text with its own tokenizer (character/training/scoring.py), whatever its base model.
         self.pm = evaluation_scorer(self.config)
-        self.out = StageOutput(self.config.run.output_dir, SPEC.output)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -107,7 +111,7 @@ class EvalWorker:
                                  "finish_reason": r[f"{model}_finish"][s], "logprob": r[f"{model}_logprobs"][s],
                                  "probes": [{"probe": p.name, "hit": p.hits(text)} for p in trait.probes],
                                  "_ids": r[f"{model}_token_ids"][s]})
-        ruler_measures(flat, self.systems, self.ruler.token_logprobs,
+        ruler_measures(flat, self.systems, self.ruler_logprobs,
                        lambda f: f["split"] == HELD_OUT and f["model"] != "sft")  # interference: final vs base
         probs = self._prob_first(comps, flat, judged)
         rewards = self.pm([f["prompt"] for f in flat], [f["response"] for f in flat]).tolist()
