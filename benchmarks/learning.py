@@ -14,7 +14,8 @@ recipes:
 Columns: per trait the held-out trait-score shift, then the probe shift (all traits), capability of the trained
 model, identical share, KL to the base, the PM's validation accuracy [Wilson interval] and the recipe's minutes
 (the seconds of every stage it ran or reused, from their _SUCCESS records; evaluate's own, which reuses the
-main recipe's base and SFT answers, counts only the answers it made). Each cell is the mean over seeds;
+main recipe's base and SFT answers and their ruler numbers, counts only the answers it made and measured). A
+recipe other than the main one runs stage by stage (run_recipe), so that evaluate resumes from what was copied. Each cell is the mean over seeds;
 "k/n" counts the seeds whose 95 % interval lies above zero. Everything lands in <out>/learning.json, and the
 table in <out>/learning.md (the README's copy). Not part of CI: about 60 minutes per seed on a 2-core box (36 for
 the seed whose main recipe --main-run supplies), with nothing else running.
@@ -167,6 +168,21 @@ def copy_stages(source: Path, target: Path, folders, optional=(RULER,)) -> None:
         shutil.copytree(source / folder, target / folder, ignore=shutil.ignore_patterns("_train", ".tmp*"))
 
 
+def run_recipe(config: str, run_dir: Path, overrides: list[str], main_dir: Path, shared) -> None:
+    """The recipe's stages one by one (`character <stage>`, each skipping what is complete), the main recipe's
+    shared outputs copied in first and its evaluation answers and ruler numbers just before evaluate: `character
+    run` redoes every stage after one that did work, and a redone evaluate starts from an empty eval/."""
+    from character.core.config import load_config
+    from character.execution.registry import run_order
+
+    stages = run_order(load_config(config, [f"run.output_dir={run_dir}", *overrides]))
+    copy_stages(main_dir, run_dir, [f for f in shared if not f.startswith("eval/")])
+    for stage in stages:
+        if stage == "evaluate":
+            copy_stages(main_dir, run_dir, [f for f in shared if f.startswith("eval/")])
+        character_run(config, run_dir, overrides, stage)
+
+
 def run_data(args) -> Path:
     data = Path(args.output_dir) / "data"
     if args.main_run:
@@ -191,10 +207,9 @@ def run_seed(args, seed: int, data: Path, main_seed: int | None) -> dict[str, di
             # The main job itself, with the same config and seed: its stages as they are (evaluate would redo
             # a copied eval/, whose summary names the other folder's models).
             copy_stages(Path(args.main_run), run_dir, (*DATA, "sft", "pm", "policy", "eval"))
-        else:
+        elif not (run_dir / "report" / "_SUCCESS").exists():
             copy_stages(data, run_dir, DATA)
-            copy_stages(base / "main", run_dir, shared)
-            character_run(args.config, run_dir, [*common, *overrides])
+            run_recipe(args.config, run_dir, [*common, *overrides], base / "main", shared)
         summary = json.loads((run_dir / "eval" / "summary.json").read_text())
         pm_metrics = run_dir / "pm" / "metrics.json"
         pm = json.loads(pm_metrics.read_text()) if pm_metrics.exists() else None

@@ -125,3 +125,28 @@ def test_the_learning_ablation_takes_the_main_jobs_run_as_its_data_only_when_the
     assert not (copied / RULER).exists()
     with pytest.raises(FileNotFoundError):  # a stage the recipe shares is not: its absence is an error
         copy_stages(run, tmp_path / "copy", ("pm",))
+
+
+def test_a_recipe_runs_stage_by_stage_and_gets_the_main_recipes_answers_just_before_evaluate(tmp_path, monkeypatch):
+    """`character run` redoes evaluate (from an empty eval/) once a training stage did work: the answers and ruler
+    numbers copied for it were wiped, and every recipe made the base's answers again. run_recipe runs the stages one
+    by one and copies them in just before evaluate, which then resumes from them."""
+    from benchmarks import learning
+
+    main = tmp_path / "main"
+    for folder in ("sft", "pm", learning.BASE_ANSWERS, learning.SFT_ANSWERS, learning.RULER):
+        (main / folder).mkdir(parents=True)
+        (main / folder / "part-x.parquet").write_text("x")
+    calls = []
+
+    def fake_run(config, run_dir, overrides, stage):
+        calls.append((stage, (run_dir / learning.BASE_ANSWERS).exists(), (run_dir / "sft").exists()))
+    monkeypatch.setattr(learning, "character_run", fake_run)
+    shared = learning.RECIPES["judge"][1]
+    learning.run_recipe(str(learning.ROOT / "configs" / "small.yaml"), tmp_path / "judge",
+                        ["run.seed=1", "ppo.reward=judge"], main, shared)
+    assert [c[0] for c in calls] == ["synthesize", "respond", "rank", "train-sft", "train-pm", "train-ppo",
+                                     "evaluate", "report"]
+    assert all(sft for _, _, sft in calls)  # the shared stages are there from the start
+    assert [stage for stage, answers, _ in calls if answers] == ["evaluate", "report"]
+    assert (tmp_path / "judge" / learning.RULER / "part-x.parquet").exists()
