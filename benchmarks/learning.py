@@ -15,10 +15,12 @@ Columns: per trait the held-out trait-score shift, then the probe shift (all tra
 model, identical share, KL to the base, the PM's validation accuracy [Wilson interval] and the recipe's minutes
 (the seconds of every stage it ran or reused, from their _SUCCESS records; evaluate's own, which reuses the
 main recipe's base and SFT answers and their ruler numbers, counts only the answers it made and measured). A
-recipe other than the main one runs stage by stage (run_recipe), so that evaluate resumes from what was copied. Each cell is the mean over seeds;
-"k/n" counts the seeds whose 95 % interval lies above zero. Everything lands in <out>/learning.json, and the
-table in <out>/learning.md (the README's copy). Not part of CI: about 60 minutes per seed on a 2-core box (36 for
-the seed whose main recipe --main-run supplies), with nothing else running.
+recipe other than the main one runs stage by stage (run_recipe), so that evaluate resumes from what was copied.
+Each cell is the mean over seeds; "k/n" counts the seeds whose 95 % interval lies above zero. Everything lands
+in <out>/learning.json, and the table in <out>/learning.md (the README's copy). Not part of CI: about 40
+minutes per seed on a 2-core box (20 for the seed whose main recipe --main-run supplies; seed 2 on 2026-12-07:
+main 19.5, no_sft 10.5, judge 6.5, ppo 4), with nothing else running, and about 7 GB of disk per recipe (Ray
+Train checkpoints under _train/).
 
 Run (from the repository root):
   .venv/bin/python benchmarks/learning.py                          # 3 seeds, every recipe
