@@ -71,8 +71,20 @@ def test_kl_estimators():
     k3 = [math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]
     assert kl_per_token(logp, ref, "k3").tolist() == pytest.approx(k3)
     assert all(x >= 0 for x in kl_per_token(logp, ref, "k3").tolist())
-    with pytest.raises(ValueError):
-        kl_per_token(logp, ref, "k2")
+    assert kl_per_token(logp, ref, "k2").tolist() == pytest.approx([0.5 * 0.5**2, 0.5 * 1.0**2])
+    with pytest.raises(ValueError, match="k1, k2 or k3"):
+        kl_per_token(logp, ref, "k4")
+
+
+def test_the_kl_estimator_is_honoured_in_the_loss_and_defaults_as_verl_does():
+    """ppo.kl: an explicit kl_estimator is used wherever the KL enters (the policy loss included, where k3 was once
+    used whatever it said); unset, k1 in the reward and k3 in the loss."""
+    from character.core.config_training import PPOConfig
+
+    assert PPOConfig().kl == "k1" and PPOConfig(kl_penalty="loss").kl == "k3"
+    assert PPOConfig(kl_penalty="loss", kl_estimator="k1").kl == "k1"
+    assert PPOConfig(kl_penalty="loss", kl_estimator="k2").kl == "k2"
+    assert PPOConfig(kl_penalty="reward", kl_estimator="k3").kl == "k3"
 
 
 def test_clipped_policy_loss_by_hand():
@@ -96,6 +108,9 @@ def test_whiten_and_explained_variance():
     x, m = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     w = whiten(x, m)
     assert float((w * m).sum()) == pytest.approx(0.0, abs=1e-6) and float(w[0, 3]) == 0.0
+    # mean 2, Bessel-corrected variance ((1 + 0 + 1) / (3 - 1)) = 1, as TRL's and verl's masked_whiten
+    assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+    assert whiten(torch.tensor([[5.0, 7.0]]), torch.tensor([[1.0, 0.0]])).tolist() == [[0.0, 0.0]]  # one entry
     assert explained_variance(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]), torch.ones(1, 2)) == 1.0
 
 

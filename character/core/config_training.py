@@ -153,7 +153,8 @@ class DPOConfig(PairTrainingConfig):
         "beta of h = beta * (log-ratio difference); Open Character Training and TRL: 0.1."))
     soft_labels: bool = Field(True, description="False: every pair counts as p = 1 (plain DPO).")
     nll_coef: float = Field(0.0, ge=0, description=(
-        "Weight of the mean per-token NLL of `chosen` added to the loss (RPO; Open Character Training: 0.1)."))
+        "Weight of the NLL of `chosen` added to the loss (RPO; Open Character Training: 0.1): each answer's mean "
+        "per-token NLL, averaged over pairs (TRL's rpo_alpha pools the batch's tokens instead)."))
     precompute_reference: bool = Field(True, description=(
         "True: the reference log-probs of every pair are computed once, by the policy before its first update, "
         "and kept in the checkpoints; False: a frozen reference model scores each batch (TRL's default)."))
@@ -175,8 +176,9 @@ class PPOConfig(Strict):
     samples_per_prompt: int = Field(1, ge=1, description="K: one vLLM request with n = K per prompt.")
     group_std: bool = Field(True, description="grpo only: divide by the group's std (false: Dr. GRPO).")
     kl_penalty: Literal["reward", "loss"] = Field("reward", description=(
-        "reward: -kl_coef * KL in the per-token reward (PPO, InstructGPT); loss: kl_coef * k3 KL to the "
-        "reference added to the policy loss (GRPO), the reward left as the scorer gave it."))
+        "reward: -kl_coef * KL in the per-token reward (PPO, InstructGPT); loss: kl_coef * KL to the reference "
+        "added to the policy loss (GRPO), the reward left as the scorer gave it. Either way the KL is "
+        "kl_estimator's."))
     critic_init: Literal["pm", "policy"] = Field("pm", description=(
         "gae only: the critic starts from the preference model or from the policy."))
     iterations: int = Field(20, ge=1, description="Rollout-and-train iterations.")
@@ -201,9 +203,10 @@ class PPOConfig(Strict):
     kl_horizon: int = Field(10000, ge=1, description=(
         "Adaptive KL (Ziegler et al.): each iteration multiplies the coefficient by 1 + e * samples / kl_horizon, "
         "e the KL's relative error clipped to [-0.2, 0.2]."))
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description=(
-        "Per-token KL estimate: k1 = log p - log q (unbiased, can be negative); k3 = (r - 1) - log r, r = q / p "
-        "(unbiased, >= 0)."))
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(None, description=(
+        "Per-token KL estimate: k1 = log p - log q (unbiased, can be negative); k2 = (log p - log q)^2 / 2 "
+        "(biased, >= 0); k3 = (r - 1) - log r, r = q / p (unbiased, >= 0). Unset: k1 under kl_penalty reward, k3 "
+        "under loss (verl's defaults: k1's gradient in a loss has expectation zero)."))
     whiten_advantages: bool = Field(True, description=(
         "Normalise the advantages to zero mean and unit variance per batch (gae only)."))
     truncation_penalty: float = Field(0.0, description=(
@@ -224,3 +227,8 @@ class PPOConfig(Strict):
         "logits kept at once whatever prompts_per_iteration is."))
     logits_chunk: int = Field(128, ge=1, description=(
         "Sequence positions per fp32 log-softmax when reading log-probs."))
+
+    @property
+    def kl(self) -> str:
+        """The KL estimator used: kl_estimator, or where unset k1 in the reward and k3 in the loss."""
+        return self.kl_estimator or ("k3" if self.kl_penalty == "loss" else "k1")

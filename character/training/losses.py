@@ -44,14 +44,17 @@ def zero_variance_groups(scores: torch.Tensor) -> torch.Tensor:
 
 
 def kl_per_token(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token KL(policy || reference) estimates from sampled tokens (Schulman's k1 / k3).
-    k1 = log p - log q (unbiased, can be negative); k3 = (r - 1) - log r with r = q / p (unbiased, >= 0)."""
+    """Per-token KL(policy || reference) estimates from sampled tokens (Schulman's k1 / k2 / k3, verl's kl, mse
+    and low_var_kl). k1 = log p - log q (unbiased, can be negative); k2 = (log p - log q)^2 / 2 (biased, >= 0, low
+    variance); k3 = (r - 1) - log r with r = q / p (unbiased, >= 0)."""
     log_ratio = logp_ref - logp
     if estimator == "k1":
         return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
     if estimator == "k3":
         return torch.expm1(log_ratio) - log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2 or k3)")
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -73,8 +76,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries, 0 elsewhere. The variance is Bessel-corrected (divided
+    by n - 1), as TRL's masked_whiten and verl's masked_whiten compute it; one entry alone whitens to 0."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    var = ((x - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 

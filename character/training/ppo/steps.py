@@ -94,7 +94,7 @@ def score(models, roll, batch, outs, pad, beta, cfg):
         ref_logp = reference_logprobs(policy, reference, roll, cfg)
         old_values = values(critic, roll, cfg) if critic is not None else None
     reward_beta = beta if cfg.kl_penalty == "reward" else 0.0  # "loss": the KL enters the policy loss instead
-    rewards, kl = ppo.shaped_rewards(scores * real, old_logp, ref_logp, roll.mask, reward_beta, cfg.kl_estimator)
+    rewards, kl = ppo.shaped_rewards(scores * real, old_logp, ref_logp, roll.mask, reward_beta, cfg.kl)
     n_real = float(real.sum())
     stats = {"reward": float((scores * real).sum()) / max(n_real, 1.0),
              "kl": float((kl.sum(-1) * real).sum()) / max(n_real, 1.0),
@@ -116,9 +116,10 @@ def train(policy, critic, roll, old, beta, cfg, seed: int, iteration: int, micro
     """`ppo_epochs` passes over the batch in minibatches; each minibatch is one optimizer step of the policy
     (and the critic, if any), its `micro`-sequence pieces accumulated (stepping.accumulation_step skips
     the whole step on every rank if any piece's loss is not finite). `old`: (log-probs, reference log-probs,
-    values, advantages, returns) from `score`. With ppo.kl_penalty "loss", beta times the k3 KL to the
-    reference joins the policy loss (GRPO's choice: k3 is >= 0 and its gradient points towards the reference;
-    k1's has expectation zero). Returns the losses and the number of skipped steps."""
+    values, advantages, returns) from `score`. With ppo.kl_penalty "loss", beta times the KL to the reference
+    (ppo.kl: k3 unless kl_estimator says otherwise; GRPO's choice, as k3 is >= 0 and its gradient points towards
+    the reference, while k1's has expectation zero) joins the policy loss. Returns the losses and the number of
+    skipped steps."""
     import torch
 
     old_logp, ref_logp, old_values, adv, returns = old
@@ -144,7 +145,7 @@ def train(policy, critic, roll, old, beta, cfg, seed: int, iteration: int, micro
                 pg_loss, clip_frac = policy_loss(cfg.policy_loss).fn(logp, old_logp[idx], adv[idx], sub.mask, cfg)
                 stats["clip_frac"].append(float(clip_frac))
                 if kl_loss:
-                    kl = masked_mean(kl_per_token(logp, ref_logp[idx], "k3"), sub.mask)
+                    kl = masked_mean(kl_per_token(logp, ref_logp[idx], cfg.kl), sub.mask)
                     stats["kl_loss"].append(float(kl))
                     pg_loss = pg_loss + beta * kl
                 out = [pg_loss * weight]
