@@ -68,6 +68,31 @@ def test_a_bad_verdicts_file_is_an_error_naming_the_file_and_the_trait(tmp_path,
     assert "verdicts.yaml: trait 'honesty'" in capsys.readouterr().err
 
 
+def test_a_mark_naming_a_trait_the_run_lacks_is_a_config_error_naming_the_closest(tmp_path, make_config, capsys):
+    """A verdict for `honsty` (the tiny constitution has `honesty`) was once accepted and ignored: the reviewer
+    believed a trait dropped that was not. Now `character run` and any stage stop before Ray, naming the file, the
+    trait and the closest real one; so does a flag not cleared, while a cleared one is history and passes."""
+    from character.pipeline import cli
+
+    config = make_config(tmp_path)
+    args = ["--config", config.source, f"run.output_dir={tmp_path}", "tracking.backend=none"]
+    (tmp_path / "review").mkdir()
+    (tmp_path / "review" / "verdicts.yaml").write_text("traits:\n  honsty: {verdict: drop}\n")
+    for command in ("run", "respond"):
+        assert cli.main([command, *args]) == 2
+        err = capsys.readouterr().err
+        assert "verdicts.yaml: trait 'honsty' is not a trait of the run (did you mean 'honesty'?" in err, err
+    assert not (tmp_path / "messages").exists() and not (tmp_path / "responses").exists()  # nothing ran
+    (tmp_path / "review" / "verdicts.yaml").unlink()
+    review.add_flag(str(tmp_path), "message", "m1", "m1", "ai-nature", "off_trait", "", "ana")
+    assert cli.main(["rank", *args]) == 2
+    assert "flags.parquet: trait 'ai-nature' is not a trait of the run (did you mean 'ai_nature'?" in \
+        capsys.readouterr().err
+    review.clear_flag(str(tmp_path), "message", "m1", "ana")
+    marks = review.load_marks(str(tmp_path))
+    review.check_marks_traits(marks, ["honesty", "ai_nature"], str(tmp_path))  # a cleared flag is history
+
+
 HONESTY = {"honesty": "I tell the truth.\n(Even when it is not welcome.)", "curiosity": "I ask.\n(Questions.)"}
 
 

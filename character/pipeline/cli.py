@@ -22,7 +22,7 @@ from character.execution.registry import STAGES, run_order, stage_work
 from character.pipeline import config_help
 from character.reporting.compare import compare
 from character.review.app import serve
-from character.review.marks import active_constitution, announce, load_marks
+from character.review.marks import active_constitution, announce, check_marks_traits, load_marks
 from character.tracking.progress import RunProgress, stage_table
 from character.tracking.runs import ui_command
 from character.training.deepspeed_setup import read_deepspeed_json
@@ -34,7 +34,8 @@ def validate(config: Config, stages: list[str]) -> None:
     """Checks that need more than the config file itself, still before any compute (a reviewer's
     verdicts.yaml among them)."""
     load_constitution(config.traits.path, config.traits.only)
-    load_marks(config.run.output_dir)
+    every_trait = [t.name for t in load_constitution(config.traits.path).traits]
+    check_marks_traits(load_marks(config.run.output_dir), every_trait, config.run.output_dir)
     for stage in stages:
         check_stage_config(config, stage)
     read_deepspeed_json(config.train.deepspeed_config)

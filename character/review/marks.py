@@ -105,6 +105,22 @@ def load_marks(output_dir: str) -> ReviewMarks:
     return ReviewMarks(verdicts, flags)
 
 
+def check_marks_traits(marks: ReviewMarks, traits: list[str], output_dir: str) -> None:
+    """A verdict, or a flag not cleared, naming a trait the constitution does not have is a config error (a
+    reviewer who wrote `ai-nature` for `ai_nature` would believe a trait dropped that is not), naming the closest
+    real trait. `traits`: every trait of the constitution file (traits.only's choice aside)."""
+    import difflib
+
+    named = [(VERDICTS, name) for name in marks.verdicts] + [(FLAGS, f["trait"]) for f in marks.active_flags().values()]
+    for file, name in named:
+        if name in traits:
+            continue
+        closest = difflib.get_close_matches(name, traits, n=1, cutoff=0.0)
+        hint = f"did you mean '{closest[0]}'? " if closest else ""
+        raise ConfigError(f"{_review(output_dir).path(file)}: trait '{name}' is not a trait of the run "
+                          f"({hint}its traits: {', '.join(traits)})")
+
+
 def save_verdict(output_dir: str, trait: str, verdict: str, note: str, reviewer: str) -> dict:
     if verdict not in VERDICT_CHOICES:
         raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICT_CHOICES)}")
