@@ -162,3 +162,34 @@ def test_messages_from_an_older_version_without_a_split_name_the_file_and_the_fi
                                               r"an older version of character\?\): redo the stage that writes "
                                               r"'messages' with --force"):
         respond.run(make_config(tmp_path))
+
+
+def test_an_input_error_is_one_line_without_a_traceback_from_a_stage_and_from_run(tmp_path, make_config, monkeypatch,
+                                                                                  capsys):
+    """`character rank` before `respond` ended in a traceback whose last line held the message; `character run`
+    on an unreadable upstream part too. Both are now one line on stderr and exit 1, before Ray; --debug (or
+    CHARACTER_DEBUG=1) raises it, traceback and all."""
+    from character.core.store import MissingUpstreamError
+    from character.pipeline import cli
+
+    _no_ray(monkeypatch)
+    args = ["--config", make_config(tmp_path).source, f"run.output_dir={tmp_path}", "tracking.backend=none"]
+    assert cli.main(["rank", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[rank] rank needs the 'responses' output at "), err
+    assert err[0].endswith("which has no _SUCCESS: run that stage first")
+    with pytest.raises(MissingUpstreamError):
+        cli.main(["rank", *args, "--debug"])
+    monkeypatch.setenv("CHARACTER_DEBUG", "1")
+    with pytest.raises(MissingUpstreamError):
+        cli.main(["rank", *args])
+    monkeypatch.delenv("CHARACTER_DEBUG")
+
+    messages = _messages(tmp_path, ["train", "held_out"])
+    with open(messages.part_files()[0], "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    assert cli.main(["run", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("[respond] respond: ") and "part-hand.parquet cannot be read" in err[0], err
+    assert err[1:] == ["stopped; fix the cause and rerun `character run` to resume from 'respond'"]

@@ -29,7 +29,12 @@ QUARANTINE = "_quarantine"
 
 class StageInputError(ValueError):
     """A stage's input cannot give it anything to do (missing, unreadable, empty or too small): the message
-    names the stage, the input and its upstream cause; raised before the stage writes `_SUCCESS`."""
+    names the stage, the input and its upstream cause; raised before the stage writes `_SUCCESS`. The command
+    line prints it as one line, without a traceback (character/pipeline/cli.py)."""
+
+
+class MissingUpstreamError(StageInputError, FileNotFoundError):
+    """An upstream output a stage reads is not complete: run that stage first."""
 
 
 def stable_id(*parts: str) -> str:
@@ -275,7 +280,7 @@ def require_complete(output: StageOutput, needed_by: str, schema: pa.Schema | No
     check; a part cut short loses its footer) with `schema`'s columns, else an error naming the file and
     the way out."""
     if not output.complete():
-        raise FileNotFoundError(
+        raise MissingUpstreamError(
             f"{needed_by} needs the '{output.stage}' output at {output.uri}, which has no {SUCCESS}: "
             f"run that stage first"
         )

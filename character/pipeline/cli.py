@@ -12,10 +12,11 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 
 from character.core.config import Config, ConfigError, load_config
-from character.core.store import StageOutput
+from character.core.store import StageInputError, StageOutput
 from character.core.traits import load_constitution
 from character.execution.checks import check_stage_config
 from character.execution.registry import STAGES, run_order, stage_work
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML config file (e.g. configs/tiny.yaml)")
         p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. synthesize.messages_per_trait=16")
+        p.add_argument("--debug", action="store_true", default=os.environ.get("CHARACTER_DEBUG") == "1",
+                       help="show the traceback of a stage's input error (also CHARACTER_DEBUG=1)")
         if name == "run":
             p.add_argument("--from", dest="from_stage", choices=list(STAGES), default=None,
                            help="redo this stage and every later one (e.g. rank, after `character review`)")
@@ -116,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = stage.run(config, force=redo)
         except Exception as exc:
-            if args.command != "run":
+            # What a user can fix (an upstream not run, an unreadable part, no usable rows) is one line; a defect
+            # of a single stage command keeps its traceback, and --debug shows every one.
+            if args.debug or (args.command != "run" and not isinstance(exc, StageInputError)):
                 raise
-            print(f"[{name}] failed: {type(exc).__name__}: {exc}\n"
-                  f"stopped; fix the cause and rerun `character run` to resume from '{name}'", file=sys.stderr)
+            what = str(exc) if isinstance(exc, StageInputError) else f"failed: {type(exc).__name__}: {exc}"
+            resume = (f"\nstopped; fix the cause and rerun `character run` to resume from '{name}'"
+                      if args.command == "run" else "")
+            print(f"[{name}] {what}{resume}", file=sys.stderr)
             return 1
         print(result.line(), flush=True)
         results.append(dict(result.summary(), stage=name, skipped=result.skipped))
