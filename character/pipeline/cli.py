@@ -19,6 +19,7 @@ from character.core.config import Config, ConfigError, load_config
 from character.core.store import StageInputError, StageOutput
 from character.core.traits import load_constitution
 from character.execution.checks import check_stage_config
+from character.execution.lease import RunInUseError, RunLease
 from character.execution.registry import STAGES, run_order, stage_work
 from character.pipeline import config_help
 from character.reporting.compare import compare
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML config file (e.g. configs/tiny.yaml)")
         p.add_argument("--force", action="store_true", help="redo the stage even if its output is complete")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. synthesize.messages_per_trait=16")
+        p.add_argument("--break-lock", action="store_true",
+                       help="take the run directory's lease even from a holder that looks alive (it is gone)")
         p.add_argument("--debug", action="store_true", default=os.environ.get("CHARACTER_DEBUG") == "1",
                        help="show the traceback of a stage's input error (also CHARACTER_DEBUG=1)")
         if name == "run":
@@ -103,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2
+    try:
+        with RunLease(config.run.output_dir, names[0], args.break_lock) as lease:
+            return _run_stages(args, config, names, from_stage, lease)
+    except RunInUseError as exc:  # raised only while taking the lease: nothing ran
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_stages(args, config: Config, names: list[str], from_stage: str | None, lease: RunLease) -> int:
+    """The stages of the command in order, under the run directory's lease; the exit status."""
     # Once a stage does work, every later stage is redone: its inputs have changed.
     redo = args.force
     worked, results = [], []
@@ -114,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for index, name in enumerate(names):
         stage = importlib.import_module(STAGES[name].module)
         redo = redo or name == from_stage
+        lease.set_stage(name)
         if progress:
             print(progress.begin(index), flush=True)
         try:
