@@ -40,6 +40,17 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def test_a_killed_holder_not_yet_reaped_is_not_alive():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":  # exited, a zombie
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not lease_mod.pid_alive(child.pid) and lease_mod.pid_alive(os.getpid())
+    child.wait()
+    assert not lease_mod.pid_alive(child.pid)
+
+
 def test_a_second_command_on_a_held_run_directory_stops_before_any_compute_naming_the_holder(tmp_path, cli_args,
                                                                                              capsys):
     from character.pipeline import cli

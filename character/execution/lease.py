@@ -45,13 +45,18 @@ def _iso(seconds: float) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host: a zombie (killed, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): kill(0) said it exists
+        return True
 
 
 def why_stale(lease: dict, now: float | None = None) -> str | None:
