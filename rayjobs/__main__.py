@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from character.pipeline.cli import main
+from character.pipeline.cli import command
 
 
 def command_of(module: str) -> str:
@@ -16,8 +16,8 @@ def command_of(module: str) -> str:
 
 def main_for(module: str) -> int:
     """The entry of a `python -m rayjobs.<x>` module (kept for job specs that name one)."""
-    return main([command_of(module), *sys.argv[1:]])
+    return command([command_of(module), *sys.argv[1:]])
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(command(sys.argv[1:]))

@@ -161,7 +161,24 @@ def submitted_run(token_cluster, tmp_path_factory, repo):
     # No stage mistook the URI for a local path (`s3://b/x` read as `b/x` would land under a working dir).
     assert not (repo / BUCKET).exists() and not (Path.cwd() / BUCKET).exists()
     assert not list(Path(cluster_tmp).glob(f"**/{BUCKET}"))  # the job's working dir lies under it
-    return run_uri, _download(run_uri, tmp_path_factory.mktemp("pipeline") / "run")
+    folder = tmp_path_factory.mktemp("pipeline")
+    (folder / "job.log").write_text(submit.stdout + submit.stderr)  # the job's log, as `ray job submit` shows it
+    return run_uri, _download(run_uri, folder / "run")
+
+
+def test_the_job_log_holds_the_lines_for_people_and_not_ray_datas_progress_blocks(submitted_run):
+    """The main job's log, read as a Ray job log is (not a terminal): no Ray Data INFO progress blocks, no
+    known-harmless core-worker error line; every stage's begin line, result line and the stage table are there
+    (character/tracking/quiet.py)."""
+    _, run_dir = submitted_run
+    log = (run_dir.parent / "job.log").read_text()
+    assert "logging_progress" not in log and "Execution plan of Dataset" not in log
+    assert "has constructor arguments in the object store" not in log
+    for index, stage in enumerate(("synthesize", "respond", "rank", "train-pm", "train-ppo", "evaluate", "report")):
+        assert f"[run] stage {index + 1}/7 {stage}" in log
+    for output in ("messages", "responses", "preferences"):
+        assert re.search(rf"^\[{output}\] rows in \d+, rows out \d+", log, re.M), output
+    assert re.search(r"^\[train-pm\] held-out accuracy ", log, re.M) and "stages run: synthesize, respond" in log
 
 
 def _bucket_files(uri: str) -> set[str]:

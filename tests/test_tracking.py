@@ -181,3 +181,28 @@ def test_run_ends_with_a_table_of_stages():
     assert head.split() == ["stage", "rows", "in", "rows", "out", "seconds", "status"]
     assert first.split() == ["synthesize", "40", "31", "12.0", "done"]
     assert second.split() == ["train-pm", "-", "-", "-", "skipped", "(complete)"]
+
+
+def test_a_half_made_store_is_moved_aside_and_a_store_with_runs_is_kept(tmp_path, make_config, capsys):
+    """A store whose creation stopped midway (here: its schema version gone, as a migration cut short by a full
+    disk leaves it) blocked every rerun; it holds no runs, so it is moved aside and built anew. A store that
+    holds runs is never touched."""
+    import sqlite3
+
+    from character.tracking.backends import ensure_local_store, half_made_store
+
+    config = make_config(tmp_path, "tracking.backend=mlflow")
+    ensure_local_store(config)
+    db = tmp_path / "mlflow" / "mlflow.db"
+    assert db.is_file() and not half_made_store(str(db)) and not list(db.parent.glob(".tmp-*"))
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM alembic_version")
+    assert half_made_store(str(db))
+    _stage()(config)
+    assert "was left half-made (no runs, schema not complete): moved to" in capsys.readouterr().out
+    assert len(list(db.parent.glob("mlflow.db.broken-*"))) == 1
+    (run,) = _runs(_client(tmp_path), **{"character.stage": "synthesize"})
+    assert run.info.status == "FINISHED"
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM alembic_version")
+    assert not half_made_store(str(db))  # it holds runs: MLflow's own error says what to do, nothing is moved

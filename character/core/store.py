@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from character.core.space import check_full_disk_drill, is_no_space, no_space_error
+
 SUCCESS = "_SUCCESS"
 QUARANTINE = "_quarantine"
 
@@ -58,6 +60,25 @@ def join_uri(base: str, *parts: str) -> str:
     if "://" in base:
         return base.rstrip("/") + "/" + "/".join(parts)
     return os.path.join(base, *parts)
+
+
+def atomic_write(fs: pafs.FileSystem, tmp: str, final: str, write) -> None:
+    """`write(sink)` into `tmp`, then rename it to `final`: readers see the whole file or none. Any failure
+    removes `tmp`; a full disk or spent quota is raised as a NoSpaceLeftError naming `final`
+    (character/core/space.py), so the command line can say it in one line."""
+    try:
+        with fs.open_output_stream(tmp) as sink:
+            check_full_disk_drill(final)
+            write(sink)
+        fs.move(tmp, final)
+    except BaseException as exc:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass  # never created, or already moved
+        if isinstance(exc, Exception) and is_no_space(exc):
+            raise no_space_error(final, exc) from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -200,9 +221,7 @@ class StageOutput:
             fs.delete_file(path)
             return
         tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}.parquet")
-        with fs.open_output_stream(tmp) as sink:
-            pq.write_table(table, sink)
-        fs.move(tmp, path)
+        atomic_write(fs, tmp, path, lambda sink: pq.write_table(table, sink))
 
     def clear(self, *sub: str) -> None:
         fs, _ = self._fs()
@@ -216,9 +235,7 @@ class StageOutput:
         key = key or uuid.uuid4().hex[:16]
         final = posixpath.join(folder, f"part-{key}.parquet")
         tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}.parquet")
-        with fs.open_output_stream(tmp) as sink:
-            pq.write_table(table, sink)
-        fs.move(tmp, final)
+        atomic_write(fs, tmp, final, lambda sink: pq.write_table(table, sink))
         return final
 
     def read(self, *sub: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
@@ -249,18 +266,14 @@ class StageOutput:
         folder, base = posixpath.split(name)
         target = self.ensure(*([folder] if folder else []))
         tmp = posixpath.join(target, f".tmp-{uuid.uuid4().hex}-{base}")
-        with fs.open_output_stream(tmp) as sink:
-            sink.write(text.encode("utf-8"))
-        fs.move(tmp, posixpath.join(target, base))
+        atomic_write(fs, tmp, posixpath.join(target, base), lambda sink: sink.write(text.encode("utf-8")))
 
     def write_table(self, name: str, table: pa.Table) -> None:
         """One whole Parquet file (not a part), atomic like write_text."""
         fs, root = self._fs()
         target = self.ensure()
         tmp = posixpath.join(target, f".tmp-{uuid.uuid4().hex}-{name}")
-        with fs.open_output_stream(tmp) as sink:
-            pq.write_table(table, sink)
-        fs.move(tmp, posixpath.join(target, name))
+        atomic_write(fs, tmp, posixpath.join(target, name), lambda sink: pq.write_table(table, sink))
 
     def read_table(self, name: str, schema: pa.Schema | None = None) -> pa.Table:
         fs, root = self._fs()

@@ -127,7 +127,10 @@ class RunLease:
             held = self._read()
             if held is not None and held.get("token") != self.token:
                 return  # broken by --break-lock elsewhere: not ours to rewrite
-            self.out.write_text(NAME, json.dumps(self._record()))
+            try:
+                self.out.write_text(NAME, json.dumps(self._record()))
+            except OSError:
+                continue  # a full disk or a store's hiccup: the stage says it if it matters; beat again later
 
     def release(self) -> None:
         self._stop.set()

@@ -15,6 +15,7 @@ from character.core.store import StageOutput, join_uri, split_uri, stable_id
 from character.core.traits import load_constitution
 from character.execution.registry import writer
 from character.tracking.progress import ProgressLine
+from character.tracking.quiet import quiet_ray_data
 
 log = logging.getLogger("character")
 
@@ -23,6 +24,7 @@ def init_ray(cfg: RayConfig) -> None:
     """Connect to a cluster (config or RAY_ADDRESS) or start a local Ray sized by the config."""
     import ray
 
+    quiet_ray_data()  # Ray Data's INFO lines to its file log only, unless verbose
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from character.core.config import EngineConfig, SamplingConfig
+from character.core.space import FULL_DISK_ENV
 from character.inference.gates import GATES_ENV, gates_folder, paced_batch
 from character.inference.shared_engine import SharedEngine
 from character.models.loading import load_tokenizer, resolve_model
@@ -42,6 +43,8 @@ def engine_env(engine: EngineConfig) -> dict[str, str]:
         env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib)))})
     if (folder := gates_folder()) is not None:  # tests only: the driver's batch gates reach every actor
         env[GATES_ENV] = str(folder)
+    if FULL_DISK_ENV in os.environ:  # tests only: a full-disk drill (character.core.space) reaches them too
+        env[FULL_DISK_ENV] = os.environ[FULL_DISK_ENV]
     return env
 
 

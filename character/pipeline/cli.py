@@ -16,6 +16,7 @@ import os
 import sys
 
 from character.core.config import Config, ConfigError, load_config
+from character.core.space import find_no_space
 from character.core.store import StageInputError, StageOutput
 from character.core.traits import load_constitution
 from character.execution.checks import check_stage_config
@@ -25,7 +26,9 @@ from character.pipeline import config_help
 from character.reporting.compare import compare
 from character.review.app import serve
 from character.review.marks import active_constitution, announce, check_marks_traits, load_marks
+from character.tracking.backends import server_problem
 from character.tracking.progress import RunProgress, stage_table
+from character.tracking.quiet import LOG_LEVEL_ENV, filter_stderr
 from character.tracking.runs import ui_command
 from character.training.deepspeed_setup import read_deepspeed_json
 
@@ -45,6 +48,11 @@ def validate(config: Config, stages: list[str]) -> None:
         if importlib.util.find_spec(config.tracking.backend) is None:
             raise ConfigError(f"{config.source}: tracking.backend is '{config.tracking.backend}' but the package is "
                               f"not installed (pip install {config.tracking.backend}), or set tracking.backend: none")
+    uri = config.tracking.uri or ""
+    if config.tracking.backend == "mlflow" and uri.startswith(("http://", "https://")):
+        if (why := server_problem(uri)) is not None:  # an outage later is kept (character/tracking/outage.py)
+            raise ConfigError(f"{config.source}: tracking.uri {uri} does not answer ({why}): start the server, "
+                              f"or set tracking.backend: none")
 
 
 def run_progress(config: Config, names: list[str], marks):
@@ -66,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="take the run directory's lease even from a holder that looks alive (it is gone)")
         p.add_argument("--debug", action="store_true", default=os.environ.get("CHARACTER_DEBUG") == "1",
                        help="show the traceback of a stage's input error (also CHARACTER_DEBUG=1)")
+        p.add_argument("--verbose", action="store_true",
+                       help=f"every line Ray writes, its INFO progress blocks too (also {LOG_LEVEL_ENV}=verbose)")
         if name == "run":
             p.add_argument("--from", dest="from_stage", choices=list(STAGES), default=None,
                            help="redo this stage and every later one (e.g. rank, after `character review`)")
@@ -96,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "review":
         serve(args.run, args.host, args.port, args.reviewer)
         return 0
+    if getattr(args, "verbose", False):
+        os.environ[LOG_LEVEL_ENV] = "verbose"  # read by the Ray set-up of every stage (character/tracking/quiet.py)
     try:
         config = load_config(args.config, args.overrides)
         names = pipeline(config) if args.command == "run" else [args.command]
@@ -111,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run_stages(args, config, names, from_stage, lease)
     except RunInUseError as exc:  # raised only while taking the lease: nothing ran
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the lease itself could not be written
+        if args.debug or not (full := find_no_space(exc, config.run.output_dir)):
+            raise
+        print(f"{names[0]}: {full}", file=sys.stderr)
         return 1
 
 
@@ -133,8 +150,11 @@ def _run_stages(args, config: Config, names: list[str], from_stage: str | None, 
         try:
             result = stage.run(config, force=redo)
         except Exception as exc:
-            # What a user can fix (an upstream not run, an unreadable part, no usable rows) is one line; a defect
-            # of a single stage command keeps its traceback, and --debug shows every one.
+            # What a user can fix (an upstream not run, an unreadable part, no usable rows, a full disk) is one
+            # line; a defect of a single stage command keeps its traceback, and --debug shows every one.
+            if not args.debug and (full := find_no_space(exc, config.run.output_dir)):
+                print(f"{name}: {full}", file=sys.stderr)
+                return 1
             if args.debug or (args.command != "run" and not isinstance(exc, StageInputError)):
                 raise
             what = str(exc) if isinstance(exc, StageInputError) else f"failed: {type(exc).__name__}: {exc}"
@@ -158,5 +178,13 @@ def _run_stages(args, config: Config, names: list[str], from_stage: str | None, 
     return 0
 
 
+def command(argv: list[str] | None = None) -> int:
+    """The `character` command and `python -m rayjobs ...`: main() with a log a person can read (known-harmless
+    lines dropped from stderr; character/tracking/quiet.py). Tests call main() and keep their own stderr."""
+    if not {"--verbose"} & set(sys.argv[1:] if argv is None else argv):
+        filter_stderr()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

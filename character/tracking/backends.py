@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
+import uuid
 
 from character.core.config import Config
+from character.core.space import check_full_disk_drill, is_no_space, no_space_error
 from character.core.store import is_remote, stable_id
 from character.models.loading import cache_root
 
@@ -24,6 +27,81 @@ def store_uri(config: Config) -> str | None:
     if config.tracking.backend != "mlflow":
         return None
     return config.tracking.uri or f"sqlite:///{os.path.join(local_dir(config), 'mlflow.db')}"
+
+
+def server_problem(uri: str) -> str | None:
+    """Why the MLflow tracking server at an http(s) `uri` cannot be reached, or None when it answers (any HTTP
+    answer counts: a server behind a login still answers)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
+def ensure_local_store(config: Config) -> None:
+    """The default in-run-directory MLflow store exists whole before any client opens it.
+
+    MLflow creates a SQLite store in place and migrates it step by step; a full disk midway leaves a file whose
+    every later open fails ("table ... already exists"). So the store is built under a temporary name and
+    renamed into place once its schema is complete, and a store that holds no runs and whose schema is not
+    complete (left by a version of this code that built it in place) is moved aside and built again."""
+    if config.tracking.backend != "mlflow" or config.tracking.uri:
+        return
+    folder = local_dir(config)
+    db = os.path.join(folder, "mlflow.db")
+    if os.path.exists(db):
+        if not half_made_store(db):
+            return
+        aside = f"{db}.broken-{int(time.time())}"
+        os.replace(db, aside)
+        print(f"[tracking] {db} was left half-made (no runs, schema not complete): moved to {aside}, made anew",
+              flush=True)
+    from mlflow.tracking import MlflowClient
+
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-mlflow.db")
+    client = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        client = MlflowClient(f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)  # creates and migrates the store
+        client._tracking_client.store.engine.dispose()  # no connection left on the file once it is renamed
+        check_full_disk_drill(db)  # fault drills: fail as a full disk would at the end of a migration
+        os.replace(tmp, db)
+    except Exception as exc:
+        if client is not None:
+            try:  # an open connection would keep the removed file's space taken
+                client._tracking_client.store.engine.dispose()
+            except Exception:  # noqa: BLE001 - the store was never made: nothing holds the file
+                pass
+        for leftover in (tmp, tmp + "-journal"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        if is_no_space(exc):
+            raise no_space_error(db, exc) from exc
+        raise
+
+
+def half_made_store(db: str) -> bool:
+    """True for a SQLite file that holds no runs and whose schema is not MLflow's latest (or is unreadable):
+    nothing in it to keep. A store holding runs is never called half-made (MLflow's own error says what to do)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "runs" in tables and conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]:
+                return False
+            version = (conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                       if "alembic_version" in tables else None)
+    except sqlite3.DatabaseError:
+        return True  # not a database at all (cut short before its header)
+    return version is None or version[0] != _get_latest_schema_revision()
 
 
 class MlflowTracker:
@@ -65,13 +143,21 @@ class MlflowTracker:
         for i in range(0, len(items), 100):  # MLflow's per-batch limit
             self.client.log_batch(self.run_id, params=[Param(p.key, p.value[:6000]) for p in items[i:i + 100]])
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         items = [Metric(k, v, now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def log_metrics_once(self, metrics: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
+        """log_metrics without the points the run already holds at `step` (a kept call sent again)."""
+        held = self.client.get_run(self.run_id).data.metrics
+        new = {k: v for k, v in metrics.items()
+               if k not in held or all(m.step != step for m in self.client.get_metric_history(self.run_id, k))}
+        if new:
+            self.log_metrics(new, step, timestamp_ms)
 
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
@@ -119,7 +205,7 @@ class WandbTracker:
     def log_params(self, params: dict) -> None:
         self.run.config.update(params, allow_val_change=True)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, timestamp_ms: int | None = None) -> None:
         if step is not None:
             self.run.log(metrics, step=step)
         else:

@@ -23,12 +23,14 @@ import tempfile
 from dataclasses import dataclass
 
 from character.core.config import Config
+from character.core.space import is_no_space
 from character.core.store import StageOutput, is_remote, join_uri, split_uri
-from character.tracking.backends import BACKENDS, MlflowTracker, local_dir, store_uri
+from character.tracking.backends import BACKENDS, MlflowTracker, ensure_local_store, local_dir, store_uri
+from character.tracking.outage import RECORDS, KeptTracker, replay_pending
 
-RECORDS = "_tracking"  # <run>/_tracking/<stage>.json: the tracker run of each stage (and run.json: the parent)
 # Small stage files worth keeping with the tracker run (artifacts); models are named by tags, not copied.
 ARTIFACTS = ("stats.json", "summary.json", "metrics.json", "metrics.jsonl", "index.html")
+_kept: dict[tuple, KeptTracker] = {}
 _current: contextvars.ContextVar = contextvars.ContextVar("character_tracking", default=None)
 
 
@@ -45,7 +47,14 @@ class TrackingHandle:
     local_dir: str  # W&B's run files; MLflow's local store
 
     def tracker(self):
-        return BACKENDS[self.backend](self)
+        """The run's tracker in this process; MLflow's kept through an outage (character/tracking/outage.py), one
+        per run and process so that an outage is met once, not once per call."""
+        if self.backend != "mlflow":
+            return BACKENDS[self.backend](self)
+        key = (self.uri, self.run_id, os.getpid())
+        if key not in _kept:
+            _kept[key] = KeptTracker(BACKENDS[self.backend](self), self)
+        return _kept[key]
 
 
 def ui_command(config: Config) -> str:
@@ -144,7 +153,9 @@ def parent_run(config: Config) -> str | None:
 def open_stage(config: Config, stage: str, force: bool) -> TrackingHandle:
     """The stage's run: the same one as before if the stage did not finish (a resumed stage), else a new one."""
     _fetch_store(config)
+    ensure_local_store(config)
     parent = parent_run(config)
+    _replay(config)
     if parent:
         _handle(config, "run", parent).tracker().reopen()
     records = _records(config)
@@ -205,6 +216,11 @@ def finish_stage(config: Config, handle: TrackingHandle, result, failed: bool = 
         # the run directory's run shows how its last stage ended (open_stage sets it running again)
         top.finish(failed)
     _publish_store(config)
+
+
+def _replay(config: Config) -> None:
+    if config.tracking.backend == "mlflow":
+        replay_pending(lambda run_id: _handle(config, "replay", run_id), config.run.output_dir)
 
 
 def _log_files(tracker, out: StageOutput) -> None:
@@ -285,7 +301,12 @@ def tracked(stage: str, output: str):
                 result = run(config, force=force, **kwargs)
             except BaseException:
                 if handle is not None:
-                    finish_stage(config, handle, None, failed=True)
+                    try:
+                        finish_stage(config, handle, None, failed=True)
+                    except Exception as exc:  # noqa: BLE001 - the stage's own failure is the one to raise
+                        if not is_no_space(exc):  # a full disk: the stage's own message says it
+                            print(f"[tracking] could not close the run of {stage}: {type(exc).__name__}: {exc}",
+                                  file=sys.stderr)
                 raise
             finally:
                 _current.reset(token)

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from character.core.config import Config, ConfigError
@@ -206,15 +207,25 @@ def train_storage(config: Config) -> str:
 def maybe_inject_fault(config: Config, step: int) -> None:
     """Fault drills and tests: a file `<run>/_train/inject_fault.json` holding {"step": N} makes rank 0
     kill its own process (os._exit, as a crash would) on reaching step N; the file is consumed first so
-    the fault fires once. Checked only for local run directories."""
+    the fault fires once. Holding {"hold": [N, ...]} instead makes rank 0 pause on reaching each step N: it
+    writes `_train/held-N` and waits for `_train/release-N` (a test acts, e.g. stops a server, while training
+    is at a known step). Checked only for local run directories."""
     if "://" in config.run.output_dir:
         return
-    path = Path(config.run.output_dir) / "_train" / "inject_fault.json"
+    folder = Path(config.run.output_dir) / "_train"
+    path = folder / "inject_fault.json"
     if not path.is_file():
         return
     import ray.train
 
-    if ray.train.get_context().get_world_rank() == 0 and json.loads(path.read_text()).get("step") == step:
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    drill = json.loads(path.read_text())
+    if step in drill.get("hold", []):
+        (folder / f"held-{step}").touch()
+        while not (folder / f"release-{step}").exists():
+            time.sleep(0.05)
+    if drill.get("step") == step:
         path.unlink()
         # Ray Train V2's controller registers a reported checkpoint when it next polls the workers; a crash
         # before that loses the registration and resume falls back one checkpoint. Waiting until every report

@@ -42,7 +42,12 @@ def all_agree(flag: bool) -> bool:
 
 
 def is_finite(x) -> bool:
-    return math.isfinite(float(x.detach()) if hasattr(x, "detach") else float(x))
+    return math.isfinite(scalar(x))
+
+
+def scalar(x) -> float:
+    """A loss's value as a float, detached from the graph (float() of a tensor that needs grad warns)."""
+    return float(x.detach()) if hasattr(x, "detach") else float(x)
 
 
 @contextmanager
@@ -76,7 +81,7 @@ def accumulation_step(engines: list, micro_losses, accum: int) -> tuple[list[lis
         if poisoned:
             losses = [x * float("nan") for x in losses]
         else:
-            kept.append([float(x) for x in losses])
+            kept.append([scalar(x) for x in losses])
         for engine, loss in zip(engines, losses):
             engine.backward(loss)
             engine.step()
