@@ -19,7 +19,8 @@ import re
 import shutil
 
 # Fault drills only: while the file this names exists, stage writes and the tracking store's creation fail the
-# way a full disk does (OSError ENOSPC): those whose path holds the file's text, every one if it is empty. It reaches the engines' Ray actors with their environment (character.inference.engine.engine_env).
+# way a full disk does (OSError ENOSPC): those whose path holds the file's text, every one if it is empty. It
+# reaches the engines' Ray actors with their environment (character.inference.engine.engine_env).
 FULL_DISK_ENV = "CHARACTER_TEST_FULL_DISK"
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
