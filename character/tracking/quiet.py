@@ -19,11 +19,13 @@ import atexit
 import importlib
 import logging
 import os
+import select
 import sys
 import threading
 
 LOG_LEVEL_ENV = "CHARACTER_LOG_LEVEL"
 HARMLESS_STDERR = (b"has constructor arguments in the object store and max_restarts > 0",)
+PARTIAL_LINE_S = 0.2  # how long a line without its end waits for the rest before it is passed on
 HARMLESS_RAY_DATA = ("Truncating long operator name",)  # a cosmetic note about its own progress bar names
 
 
@@ -79,18 +81,28 @@ def filter_stderr() -> None:
     end_marker = b"\0character-stderr-end\0"
 
     def pump() -> None:
-        # A whole line arrives in one read (each writer writes a line at once); the rest of a read, a partial
-        # line such as a progress bar's \r update, is passed on as it comes.
-        while chunk := os.read(read_end, 65536):
-            *lines, rest = chunk.split(b"\n")
+        # Lines are passed on whole, so that a line cut by a read's end is still recognised. A partial line
+        # that nothing follows for a moment (a progress bar's \r update) is passed on as it is.
+        pending = b""
+        while True:
+            if pending and not select.select([read_end], [], [], PARTIAL_LINE_S)[0]:
+                os.write(original, pending)
+                pending = b""
+                continue
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > 65536:  # \r updates without an end: passed on rather than held
+                os.write(original, pending)
+                pending = b""
             for line in lines:
                 if line.endswith(end_marker):
                     os.write(original, line[:-len(end_marker)])
                     done.set()
                 elif not any(text in line for text in HARMLESS_STDERR):
                     os.write(original, line + b"\n")
-            if rest:
-                os.write(original, rest)
+        os.write(original, pending)
         done.set()
 
     threading.Thread(target=pump, name="stderr-filter", daemon=True).start()
