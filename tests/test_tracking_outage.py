@@ -76,6 +76,7 @@ def test_steps_logged_through_an_outage_reach_the_server_once(tmp_path, make_con
 
     monkeypatch.setattr(outage, "RETRY_AFTER_S", 0.0)
     monkeypatch.setattr(outage, "_warned", set())
+    monkeypatch.setattr(outage, "_down_since", {})
     run_dir = tmp_path / "run"
     config = make_config(run_dir, "tracking.backend=mlflow", f"tracking.uri={server.uri}")
     handle = tracking.open_stage(config, "train-pm", force=False)
@@ -114,20 +115,26 @@ def test_an_unreachable_server_at_start_is_a_config_error(tmp_path, repo, capsys
     assert "start the server, or set tracking.backend: none" in err and not (tmp_path / "_lock").exists()
 
 
-def test_train_pm_completes_through_a_server_killed_and_restarted(tmp_path, preferences, make_config, server):
-    """The server is killed while rank 0 is held at step 4 and restarted while it is held at step 8 (drills in
-    character.training.checkpoints.maybe_inject_fault): the steps in between are kept by the worker and sent,
-    the stage completes, and the run's history holds every step once."""
+def test_train_pm_completes_through_a_server_killed_and_restarted(tmp_path, preferences, make_config, server,
+                                                                 monkeypatch):
+    """Rank 0 is held at steps 4, 8 and 10 (a drill in character.training.checkpoints.maybe_inject_fault).
+    1. Killed at step 4, restarted at step 8 and given the retry interval: the worker sends what it kept at its
+       next step (at step 10 the history is 1..10 and nothing is kept).
+    2. Killed again at step 10 and left down: the stage completes all the same, its last steps and the closing of
+       its run kept. Restarted, the next stage's start sends them: steps 1..12 each once, the run FINISHED."""
     import shutil
 
     from mlflow.tracking import MlflowClient
 
     from conftest import RULE_PAIRS
     from character.stages import train_pm
+    from character.tracking import outage
+    from character.tracking import runs as tracking
 
+    monkeypatch.setattr(outage, "_down_since", {})
     shutil.copytree(preferences, tmp_path / "preferences")
     (tmp_path / "_train").mkdir()
-    (tmp_path / "_train" / "inject_fault.json").write_text(json.dumps({"hold": [4, 8]}))
+    (tmp_path / "_train" / "inject_fault.json").write_text(json.dumps({"hold": [4, 8, 10]}))
     config = make_config(tmp_path, *RULE_PAIRS, "pm.score_pairs=false", "pm.max_steps=12", "pm.micro_batch_size=8",
                          "train.checkpoint_every=6", "tracking.backend=mlflow", f"tracking.uri={server.uri}")
     outcome: dict = {}
@@ -140,18 +147,31 @@ def test_train_pm_completes_through_a_server_killed_and_restarted(tmp_path, pref
             assert stage.is_alive() and time.time() < deadline, f"train-pm never reached step {step}"
             time.sleep(0.1)
 
+    def release(step: int) -> None:
+        (tmp_path / "_train" / f"release-{step}").touch()
+
     at(4)
     server.kill()
-    (tmp_path / "_train" / "release-4").touch()
+    release(4)
     at(8)
     assert _pending(tmp_path), "the steps logged while the server was down were not kept"
     server.start()
-    (tmp_path / "_train" / "release-8").touch()
-    stage.join(timeout=600)
-    assert "result" in outcome, "train-pm did not complete"
+    time.sleep(outage.RETRY_AFTER_S + 1)  # the worker's next call tries the server again
+    release(8)
+    at(10)
+    (run_id,) = {p.parent.parent.name for p in (tmp_path / "_tracking" / "pending").glob("*/*/*")} or {None}
     client = MlflowClient(server.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("character").experiment_id],
                                 "tags.`character.stage` = 'train-pm'")
-    assert run.info.status == "FINISHED"
+    assert _history(server.uri, run.info.run_id, "train_loss") == list(range(1, 11)) and run_id is None
+    server.kill()
+    release(10)
+    stage.join(timeout=600)
+    assert "result" in outcome, "train-pm did not complete with its tracking server down"
+    assert _pending(tmp_path)
+    server.start()
+    tracking.open_stage(config, "train-ppo", force=False)  # the next stage
+    assert not _pending(tmp_path)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "eval_accuracy" in run.data.metrics
     assert _history(server.uri, run.info.run_id, "train_loss") == list(range(1, 13))
-    assert "eval_accuracy" in run.data.metrics and not _pending(tmp_path)

@@ -129,10 +129,16 @@ class MlflowTracker:
         return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
     def exists(self) -> bool:
+        """The run is in the store and not deleted; a store that does not answer raises (an outage is not a
+        missing run: character/tracking/outage.py)."""
+        from mlflow.exceptions import MlflowException
+
         try:
             return self.client.get_run(self.run_id).info.lifecycle_stage == "active"
-        except Exception:  # noqa: BLE001 - any store error means the run cannot be continued there
-            return False
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param

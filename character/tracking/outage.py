@@ -35,6 +35,7 @@ RETRY_AFTER_S = float(os.environ.get("CHARACTER_TRACKING_RETRY_S", "10"))
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _warned: set[str] = set()  # tracking URIs this process has warned about
+_down_since: dict[str, float] = {}  # tracking URI -> when this process last found it not answering (monotonic)
 
 
 def records(run_dir: str) -> StageOutput:
@@ -48,7 +49,6 @@ class KeptTracker:
         self.inner, self.handle = inner, handle
         self.out = records(handle.run_dir)
         self.folder = posixpath.join(PENDING, handle.run_id, f"{socket.gethostname()}-{os.getpid()}")
-        self.down_since: float | None = None
         self.check_steps = False  # the history could not be read at start: every point is checked before sending
         self.kept = 0
         self.pending = False  # records kept by this process not yet sent
@@ -77,7 +77,13 @@ class KeptTracker:
         self._call("reopen")
 
     def exists(self) -> bool:
-        return self.inner.exists()
+        """Whether the run can be continued; while the store does not answer, the recorded run is taken to be
+        there (its calls are kept for it, not for a new run made in the middle of an outage)."""
+        try:
+            return self.inner.exists()
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the store is an outage here
+            self._down(exc)
+            return True
 
     def last_step(self) -> int:
         try:
@@ -92,7 +98,8 @@ class KeptTracker:
 
     # --- keeping and sending ------------------------------------------------------------------------------------
     def _call(self, op: str, *args) -> None:
-        if self.down_since is not None and time.monotonic() - self.down_since < RETRY_AFTER_S:
+        down = _down_since.get(self.uri)
+        if down is not None and time.monotonic() - down < RETRY_AFTER_S:
             self._keep(op, args)
             return
         try:
@@ -106,13 +113,17 @@ class KeptTracker:
             self._down(exc)
             self._keep(op, args)
             return
-        if self.down_since is not None:
+        if _down_since.pop(self.uri, None) is not None:
             print(f"[tracking] {self.handle.uri} answers again: sent {sent} kept record(s)", flush=True)
-            self.down_since = None
+
+    @property
+    def uri(self) -> str:
+        return self.handle.uri or "the tracking store"
 
     def _down(self, exc: Exception) -> None:
-        self.down_since = time.monotonic()
-        uri = self.handle.uri or "the tracking store"
+        """The store did not answer: an outage of its URI for this process (every run's calls are kept)."""
+        _down_since[self.uri] = time.monotonic()
+        uri = self.uri
         if uri not in _warned:
             _warned.add(uri)
             cause = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -159,12 +170,13 @@ def replay_pending(handle_for, run_dir: str) -> int:
     fs, root = out.filesystem, posixpath.join(out.root, PENDING)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return 0
-    sent = 0
+    sent, uris = 0, set()
     for run in fs.get_file_info(pafs.FileSelector(root)):
         if run.type != pafs.FileType.Directory:
             continue
         handle = handle_for(run.base_name)
         inner = handle.tracker().inner
+        uris.add(handle.tracker().uri)
         for proc in fs.get_file_info(pafs.FileSelector(run.path)):
             if proc.type != pafs.FileType.Directory:
                 continue
@@ -176,4 +188,6 @@ def replay_pending(handle_for, run_dir: str) -> int:
             fs.delete_dir(proc.path)
         if not fs.get_file_info(pafs.FileSelector(run.path)):
             fs.delete_dir(run.path)
+    for uri in uris:  # it answered every kept call: no longer down
+        _down_since.pop(uri, None)
     return sent

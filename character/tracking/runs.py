@@ -188,6 +188,7 @@ EVAL_FIELDS = ("win_rate", "hard_win_rate", "pm_delta", "pm_base", "pm_trained",
 def finish_stage(config: Config, handle: TrackingHandle, result, failed: bool = False) -> None:
     """Log what the stage did (counts, seconds, results, small files) and close its run; the run directory's
     run gets the stage's counts as `<stage>.*`, the evaluation's numbers and the report page."""
+    _replay(config)  # what the stage's workers kept through an outage, before the stage's run is closed
     tracker = handle.tracker()
     counts, evaluation = {}, {}
     if result is not None:
