@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from processes import kill_tree
@@ -32,11 +31,7 @@ def test_synthesize_killed_midway_resumes_exactly_once(tmp_path, repo):
     proc = subprocess.Popen(_stage_cmd(repo, tmp_path), cwd=repo, env={**env, **gates.prepare(folder, [COMMITTED])},
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 300  # a bound for a broken run only
-        while len(gates.done(folder)) < COMMITTED:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, f"{COMMITTED} batches not committed within 300 s"
-            time.sleep(0.1)
+        gates.wait_done(folder, COMMITTED, proc, tmp_path / "first.log")
     finally:
         kill_tree(proc)  # the driver, its local Ray and Ray's workers, all gone when it returns
     assert not out.complete()

@@ -100,3 +100,13 @@ def claims(folder: Path) -> dict[int, dict]:
 def done(folder: Path) -> set[int]:
     """The batch numbers generated and committed."""
     return {int(p.name.split("-")[1]) for p in folder.glob("done-*")}
+
+
+def wait_done(folder: Path, count: int, driver, log: Path, timeout_s: float = 300) -> None:
+    """Wait until `count` batches are committed, while the stage driver (a Popen) lives; a driver that exits or
+    a bound reached (for a broken run only) fails with the end of its log."""
+    deadline = time.time() + timeout_s
+    while len(done(folder)) < count:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"{count} batches not committed within {timeout_s:.0f} s"
+        time.sleep(0.1)

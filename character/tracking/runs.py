@@ -26,7 +26,7 @@ from character.core.config import Config
 from character.core.space import is_no_space
 from character.core.store import StageOutput, is_remote, join_uri, split_uri
 from character.tracking.backends import BACKENDS, MlflowTracker, ensure_local_store, local_dir, store_uri
-from character.tracking.outage import RECORDS, KeptTracker, replay_pending
+from character.tracking.outage import KeptTracker, records, replay_pending
 
 # Small stage files worth keeping with the tracker run (artifacts); models are named by tags, not copied.
 ARTIFACTS = ("stats.json", "summary.json", "metrics.json", "metrics.jsonl", "index.html")
@@ -94,7 +94,7 @@ def git_commit() -> str:
 
 
 def _records(config: Config) -> StageOutput:
-    return StageOutput(config.run.output_dir, RECORDS)
+    return records(config.run.output_dir)
 
 
 def _handle(config: Config, stage: str, run_id: str) -> TrackingHandle:
