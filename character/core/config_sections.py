@@ -11,7 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A field whose name is a Python keyword (ppo.async) is declared `async_` with the alias `async`: YAML,
+    # overrides, dumps and the docs use the alias, code the name.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
 
 
 class RunConfig(Strict):

@@ -160,6 +160,20 @@ class DPOConfig(PairTrainingConfig):
         "and kept in the checkpoints; False: a frozen reference model scores each batch (TRL's default)."))
 
 
+class AsyncRolloutConfig(Strict):
+    """train-ppo's rollouts generated ahead of training: the engines sample the next batches while the workers
+    score and train on this one (character/training/ppo/inflight.py)."""
+
+    enabled: bool = Field(False, description=(
+        "Generate batch i+1 (up to max_staleness batches ahead) while the workers train on batch i. Worth it where "
+        "generation takes a large share of an iteration and engines and trainers have their own GPUs or cores "
+        "(docs/cluster.md); off, generation and training alternate."))
+    max_staleness: int = Field(1, ge=0, description=(
+        "How many policy versions a batch may lag the weights it is trained on (0: the synchronous loop). A batch "
+        "that arrives older stops the run. Each sample carries the version that generated it; the ratio is "
+        "corrected by ppo.tis_cap."))
+
+
 class PPOConfig(Strict):
     reward: Literal["pm", "judge", "rule"] = Field("pm", description=(
         "pm: the trained preference model; judge: the contrast judge's own score of each answer, with no PM in "
@@ -227,6 +241,13 @@ class PPOConfig(Strict):
         "logits kept at once whatever prompts_per_iteration is."))
     logits_chunk: int = Field(128, ge=1, description=(
         "Sequence positions per fp32 log-softmax when reading log-probs."))
+    async_: AsyncRolloutConfig = Field(default_factory=AsyncRolloutConfig, alias="async", description=(
+        "Asynchronous rollouts: generation overlaps training, with bounded staleness."))
+    tis_cap: float | None = Field(2.0, ge=1, description=(
+        "Truncated importance sampling (verl's TIS, Yao et al. 2025): each token's policy loss is weighted by "
+        "min(pi_old / pi_behaviour, tis_cap), pi_old the trainer's log-prob before the update, pi_behaviour the "
+        "vLLM engine's that sampled it (an older version with async rollouts; other kernels or dtype even "
+        "without). null: no correction (the gap is still logged as behaviour_logprob_gap)."))
 
     @property
     def kl(self) -> str:

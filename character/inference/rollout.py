@@ -10,6 +10,7 @@ be reused and give wrong log-probabilities. No reload from disk.
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 from character.core.config import EngineConfig, SamplingConfig
@@ -70,6 +71,14 @@ def prompt_logprobs(llm, token_ids: list[int]) -> list[float]:
     return [step[tok].logprob for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
 
+def sampled_logprobs(completion) -> list[float]:
+    """The log-probability of each token of a vLLM completion, as sampled (requested with logprobs=0: each
+    position's dict holds the sampled token, plus the top one where that differs)."""
+    if completion.logprobs is None:
+        return []
+    return [float(step[token].logprob) for step, token in zip(completion.logprobs, completion.token_ids)]
+
+
 class RolloutEngine:
     """A Ray actor (wrap with ray.remote) holding one in-process vLLM engine."""
 
@@ -78,17 +87,25 @@ class RolloutEngine:
         self.llm = create_llm(model_name, dtype, self.engine, seed)
         self.version = 0
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], sampling: dict) -> list[dict]:
+    def generate(self, prompts: list[list[int]], seeds: list[int], sampling: dict) -> dict:
         """`sampling.n` samples per prompt (one request each: vLLM seeds sample j with seed + j), returned
-        prompt by prompt, the n samples of a prompt consecutive."""
+        prompt by prompt, the n samples of a prompt consecutive, each with its tokens' log-probabilities under
+        the weights that sampled them (the behaviour policy: `version`, the last update_weights' version) and
+        the wall-clock times (time.time()) the engine started and finished: {"samples", "version", "started",
+        "finished"}."""
         from vllm import SamplingParams
 
+        started = time.time()
         s = SamplingConfig.model_validate(sampling)
-        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
-                  for seed in seeds]
+        # logprobs=0: the sampled token's log-probability only. vLLM reports it from the raw logits (its
+        # default logprobs_mode), before temperature and top-p, as the trainer computes its own.
+        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed,
+                                 logprobs=0) for seed in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason or "length")}
-                for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
+        samples = [{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason or "length"),
+                    "logprobs": sampled_logprobs(c), "version": self.version}
+                   for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
+        return {"samples": samples, "version": self.version, "started": started, "finished": time.time()}
 
     def update_weights(self, arrays: dict, tie_word_embeddings: bool, version: int) -> int:
         """`arrays`: name -> numpy array (arrays_for_engines), read in place from the object store."""

@@ -111,7 +111,8 @@ def _walk(model: type[BaseModel], defaults: BaseModel | None, prefix: str,
         else:
             default = REQUIRED if field.is_required() else format_value(field.get_default(call_default_factory=True))
         nested, is_list = _model_class(field.annotation)
-        dotted, here = prefix + name, None if path is None else (*path, name)
+        key = field.alias or name  # as YAML and overrides spell it (ppo.async: the field async_)
+        dotted, here = prefix + key, None if path is None else (*path, name)
         kind = ", ".join([format_type(field.annotation), *_constraints(field)])
         section = nested is not None and not is_list
         rows.append(Setting(dotted, kind, "" if section else default, field.description or "", here, section))

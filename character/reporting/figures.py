@@ -175,14 +175,18 @@ def win_rate_comparison_figure(runs: dict[str, dict]):
 
 
 def ppo_time_figure(records: list[dict]):
-    """Stacked seconds per iteration: generation / scoring / training / weight sync."""
+    """Stacked seconds per iteration of the trainers: waiting for rollouts / scoring / training / weight sync.
+    The wait is `trainer_idle_s` where logged: with ppo.async generation overlaps training, so its own seconds
+    (time_generation) are not part of the iteration's; without it the wait is generation. Older runs: generation."""
     it = [r for r in records if any(k in r for k in TIME_KEYS)]
     fig, (ax,) = _figure(_width(len(it)), 3.6)
     xs = [r["iteration"] for r in it]
     bottom = [0.0] * len(it)
-    for key in TIME_KEYS:
+    waits = any("trainer_idle_s" in r for r in it)
+    for key in (("trainer_idle_s", *TIME_KEYS[1:]) if waits else TIME_KEYS):
         vals = [v if math.isfinite(v) else 0.0 for v in (_num(r.get(key)) for r in it)]
-        ax.bar(xs, vals, 0.8, bottom=bottom, label=key.removeprefix("time_"))
+        label = "waiting for rollouts" if key == "trainer_idle_s" else key.removeprefix("time_")
+        ax.bar(xs, vals, 0.8, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_xlabel("iteration")
     ax.set_ylabel("seconds")

@@ -17,8 +17,9 @@ from character.training.deepspeed_setup import zero_stage
 CKPT_TAG = "ckpt"
 
 
-def save_and_report(engines: dict, client_state: dict, metrics: dict) -> None:
-    """Each rank writes its DeepSpeed shards to a local temp dir; Ray Train merges them into one checkpoint."""
+def save_and_report(engines: dict, client_state: dict, metrics: dict, files: dict[str, bytes] | None = None) -> None:
+    """Each rank writes its DeepSpeed shards to a local temp dir; Ray Train merges them into one checkpoint.
+    `files`: name -> bytes written beside them (one rank passes them, e.g. train-ppo's rollouts in flight)."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -26,13 +27,16 @@ def save_and_report(engines: dict, client_state: dict, metrics: dict) -> None:
     try:
         for name, engine in engines.items():
             save_engine(engine, os.path.join(tmp, name), client_state)
+        for name, data in (files or {}).items():
+            Path(tmp, name).write_bytes(data)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore(engines: dict) -> dict | None:
-    """Load the latest Ray Train checkpoint into the engines; returns its client state (None: fresh run)."""
+def restore(engines: dict, files: tuple[str, ...] = ()) -> dict | None:
+    """Load the latest Ray Train checkpoint into the engines; returns its client state (None: fresh run), with
+    `state["files"]`: name -> bytes of those of `files` that the checkpoint holds (save_and_report's)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -58,6 +62,7 @@ def restore(engines: dict) -> dict | None:
                       f"weights resumed exactly, optimizer moments restarted", file=sys.__stdout__, flush=True)
             state = client if state is None else state
             state["resized_from"] = saved if resized else None
+        state["files"] = {name: Path(folder, name).read_bytes() for name in files if Path(folder, name).is_file()}
     return state
 
 

@@ -169,7 +169,7 @@ def _critic_free(method: str) -> AdvantageEstimator:
 @dataclass(frozen=True)
 class PolicyLoss:
     name: str
-    fn: Callable  # (logp, old_logp, advantages, mask, ppo settings) -> (loss, clip fraction)
+    fn: Callable  # (logp, old_logp, advantages, mask, ppo settings, token weights) -> (loss, clip fraction)
     summary: str
 
 
@@ -178,7 +178,9 @@ POLICY_LOSSES: Registry = Registry("policy loss")
 
 def register_policy_loss(name: str):
     """Registers `fn` as `ppo.policy_loss: <name>`, with the one signature
-    `fn(logp [B, L-1], old_logp, advantages, mask, ppo settings) -> (scalar loss, fraction of tokens clipped)`."""
+    `fn(logp [B, L-1], old_logp, advantages, mask, ppo settings, weights) -> (scalar loss, fraction of tokens
+    clipped)`, `weights` [B, L-1] the truncated importance weights of each token (losses.truncated_importance_weights;
+    all 1 without a correction) that multiply its loss."""
     def register(fn):
         POLICY_LOSSES.add(name, PolicyLoss(name, fn, _summary(fn)))
         return fn
@@ -190,6 +192,6 @@ def policy_loss(name: str) -> PolicyLoss:
 
 
 @register_policy_loss("clip")
-def clipped_surrogate(logp, old_logp, advantages, mask, ppo):
+def clipped_surrogate(logp, old_logp, advantages, mask, ppo, weights=None):
     """PPO's clipped surrogate (ratio clipped to 1 +- ppo.clip), the mean over response tokens."""
-    return clipped_policy_loss(logp, old_logp, advantages, mask, ppo.clip)
+    return clipped_policy_loss(logp, old_logp, advantages, mask, ppo.clip, weights)

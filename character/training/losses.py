@@ -84,14 +84,33 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip: float):
-    """PPO's clipped surrogate; returns (loss, clip fraction)."""
+                        mask: torch.Tensor, clip: float, weights: torch.Tensor | None = None):
+    """PPO's clipped surrogate; returns (loss, clip fraction). `weights` [B, L-1]: each token's loss is
+    multiplied by its weight before the mean over response tokens (the truncated importance weights of
+    `truncated_importance_weights`, as verl multiplies pg_losses by them before aggregating)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     return loss, clip_frac
+
+
+def truncated_importance_weights(old_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor,
+                                 cap: float | None):
+    """Truncated importance sampling (TIS; verl's `tis_imp_ratio_cap`, Yao et al. 2025): per token
+    w = min(pi_old / pi_behaviour, cap), pi_behaviour the engine that sampled the token (older weights, other
+    kernels), pi_old the trainer's log-prob before the update. PPO's ratio pi / pi_old is clipped as usual and
+    w corrects the rest of the way to the behaviour policy (pi / pi_behaviour = pi / pi_old * pi_old / pi_behaviour,
+    the decoupled objective); the cap bounds the variance a token can add. A NaN behaviour log-prob (unknown)
+    weighs 1, as does every token with `cap` None. Returns (weights [B, L-1], fraction of response tokens whose
+    ratio exceeded the cap); no gradient flows through the weights."""
+    known = ~torch.isnan(behaviour_logp)
+    ratio = torch.where(known, torch.exp((old_logp - torch.nan_to_num(behaviour_logp)).detach()), 1.0)
+    if cap is None:
+        return torch.ones_like(ratio), masked_mean(torch.zeros_like(ratio), mask)
+    return ratio.clamp(max=cap), masked_mean((ratio > cap).float(), mask)
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

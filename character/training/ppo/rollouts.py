@@ -17,19 +17,27 @@ class Rollouts:
     attention_mask: torch.Tensor  # [B, L]
     mask: torch.Tensor  # [B, L-1] float
     response_lengths: list[int]
+    # [B, L-1] fp32: the engine's log-prob of each response token, aligned with `mask`; NaN where unknown
+    behaviour_logp: torch.Tensor | None = None
 
 
-def build_rollouts(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Rollouts:
+def build_rollouts(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                   behaviour: list[list[float]] | None = None) -> Rollouts:
+    """`behaviour`: per response the engine's log-prob of each of its tokens (a response whose list does not
+    match its length, e.g. an empty answer stood in for by eos, is NaN: unknown)."""
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     mask = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
+    behaviour_logp = torch.full((len(seqs), width - 1), float("nan")) if behaviour is not None else None
     for b, (p, s) in enumerate(zip(prompts, seqs)):
         ids[b, : len(s)] = torch.tensor(s)
         attn[b, : len(s)] = 1
         mask[b, len(p) - 1 : len(s) - 1] = 1.0
-    return Rollouts(ids, attn, mask, [len(r) for r in responses])
+        if behaviour is not None and len(behaviour[b]) == len(s) - len(p):
+            behaviour_logp[b, len(p) - 1 : len(s) - 1] = torch.tensor(behaviour[b], dtype=torch.float32)
+    return Rollouts(ids, attn, mask, [len(r) for r in responses], behaviour_logp)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):

@@ -14,7 +14,8 @@ from character.models.lora import adapter_disabled
 from character.training.deepspeed_setup import (adamw, build_trainable, build_under_zero, deepspeed_config,
                                                 frozen_engine, trainable_policy)
 from character.training.estimators import AdvantageInputs, estimator, policy_loss, uses_critic
-from character.training.losses import clipped_value_loss, kl_per_token, masked_mean, zero_variance_groups
+from character.training.losses import (clipped_value_loss, kl_per_token, masked_mean, truncated_importance_weights,
+                                       zero_variance_groups)
 from character.training.ppo import rollouts as ppo
 from character.training.scoring import SequenceScorer
 from character.training.stepping import accumulation_step, eval_mode
@@ -82,7 +83,9 @@ def values(engine, roll, cfg):
 def score(models, roll, batch, outs, pad, beta, cfg):
     """Rewards, advantages and the statistics of one rollout batch (no gradients). Rows come in groups of
     `cfg.samples_per_prompt` samples of one prompt. Returns (old log-probs, reference log-probs, old values,
-    advantages, returns, scores, stats); values and returns are None without a critic."""
+    advantages, returns, truncated importance weights, scores, stats); values and returns are None without a
+    critic. The stats hold `behaviour_gap_sum` and `behaviour_tokens` (|engine - trainer| log-prob summed over
+    the response tokens whose engine log-prob is known, and their count) for the caller to reduce over ranks."""
     import torch
 
     policy, critic, reference, scorer = models
@@ -96,9 +99,14 @@ def score(models, roll, batch, outs, pad, beta, cfg):
     reward_beta = beta if cfg.kl_penalty == "reward" else 0.0  # "loss": the KL enters the policy loss instead
     rewards, kl = ppo.shaped_rewards(scores * real, old_logp, ref_logp, roll.mask, reward_beta, cfg.kl)
     n_real = float(real.sum())
+    behaviour = roll.behaviour_logp if roll.behaviour_logp is not None else torch.full_like(old_logp, float("nan"))
+    tis_weights, tis_clipped = truncated_importance_weights(old_logp, behaviour, roll.mask, cfg.tis_cap)
+    known = roll.mask * (~torch.isnan(behaviour)).float()
     stats = {"reward": float((scores * real).sum()) / max(n_real, 1.0),
              "kl": float((kl.sum(-1) * real).sum()) / max(n_real, 1.0),
-             "entropy": float(masked_mean(entropy, roll.mask))}
+             "entropy": float(masked_mean(entropy, roll.mask)), "tis_clipped_frac": float(tis_clipped),
+             "behaviour_gap_sum": float(((old_logp - torch.nan_to_num(behaviour)).abs() * known).sum()),
+             "behaviour_tokens": float(known.sum())}
     chosen = estimator(cfg.advantage)
     adv, returns = chosen.fn(AdvantageInputs(
         scores * real, kl, roll.mask, reward_beta, rewards=rewards, values=old_values,
@@ -109,20 +117,20 @@ def score(models, roll, batch, outs, pad, beta, cfg):
         real_groups = real.view(-1, k)[:, 0] > 0
         flat = zero_variance_groups(scores.view(-1, k))
         stats["zero_variance_groups"] = float(flat[real_groups].float().mean()) if bool(real_groups.any()) else 0.0
-    return old_logp, ref_logp, old_values, adv, returns, scores, stats
+    return old_logp, ref_logp, old_values, adv, returns, tis_weights, scores, stats
 
 
 def train(policy, critic, roll, old, beta, cfg, seed: int, iteration: int, micro: int):
-    """`ppo_epochs` passes over the batch in minibatches; each minibatch is one optimizer step of the policy
-    (and the critic, if any), its `micro`-sequence pieces accumulated (stepping.accumulation_step skips
-    the whole step on every rank if any piece's loss is not finite). `old`: (log-probs, reference log-probs,
-    values, advantages, returns) from `score`. With ppo.kl_penalty "loss", beta times the KL to the reference
-    (ppo.kl: k3 unless kl_estimator says otherwise; GRPO's choice, as k3 is >= 0 and its gradient points towards
-    the reference, while k1's has expectation zero) joins the policy loss. Returns the losses and the number of
-    skipped steps."""
+    """`ppo_epochs` passes over the batch in minibatches; each minibatch is one optimizer step of the policy (and the
+    critic, if any), its `micro`-sequence pieces accumulated (stepping.accumulation_step skips the whole step on
+    every rank if any piece's loss is not finite). `old`: (log-probs, reference log-probs, values, advantages,
+    returns, truncated importance weights) from `score`. With ppo.kl_penalty "loss", beta times the KL to the
+    reference (ppo.kl: k3 unless kl_estimator says otherwise; GRPO's choice, as k3 is >= 0 and its gradient
+    points towards the reference, while k1's has expectation zero) joins the policy loss. Returns the losses and
+    the number of skipped steps."""
     import torch
 
-    old_logp, ref_logp, old_values, adv, returns = old
+    old_logp, ref_logp, old_values, adv, returns, tis_weights = old
     n, accum = roll.input_ids.shape[0], cfg.minibatch_size // micro
     kl_loss = cfg.kl_penalty == "loss"
     names = ["policy_loss"] + (["value_loss"] if critic is not None else [])
@@ -142,7 +150,8 @@ def train(policy, critic, roll, old, beta, cfg, seed: int, iteration: int, micro
                 idx = idx if len(idx) else minibatch[:1]
                 sub = ppo.Rollouts(roll.input_ids[idx], roll.attention_mask[idx], roll.mask[idx], [])
                 logp, _ = logprobs(policy, sub, cfg)
-                pg_loss, clip_frac = policy_loss(cfg.policy_loss).fn(logp, old_logp[idx], adv[idx], sub.mask, cfg)
+                pg_loss, clip_frac = policy_loss(cfg.policy_loss).fn(logp, old_logp[idx], adv[idx], sub.mask, cfg,
+                                                                tis_weights[idx])
                 stats["clip_frac"].append(float(clip_frac))
                 if kl_loss:
                     kl = masked_mean(kl_per_token(logp, ref_logp[idx], cfg.kl), sub.mask)
