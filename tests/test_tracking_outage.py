@@ -124,12 +124,9 @@ def test_train_pm_completes_through_a_server_killed_and_restarted(tmp_path, pref
        its run kept. Restarted, the next stage's start sends them: steps 1..12 each once, the run FINISHED."""
     import shutil
 
-    from mlflow.tracking import MlflowClient
-
     from conftest import RULE_PAIRS
     from character.stages import train_pm
     from character.tracking import outage
-    from character.tracking import runs as tracking
 
     monkeypatch.setattr(outage, "_down_since", {})
     shutil.copytree(preferences, tmp_path / "preferences")
@@ -149,6 +146,22 @@ def test_train_pm_completes_through_a_server_killed_and_restarted(tmp_path, pref
 
     def release(step: int) -> None:
         (tmp_path / "_train" / f"release-{step}").touch()
+
+    try:
+        _kill_and_restart(tmp_path, config, server, stage, outcome, at, release)
+    finally:
+        # A failed check must not leave rank 0 held: the run would keep its Ray Train workers and their CPUs, and
+        # every later training test would wait for them forever (seen on an overloaded box: held at step 8).
+        for step in (4, 8, 10):
+            release(step)
+        stage.join(timeout=600)
+
+
+def _kill_and_restart(tmp_path, config, server, stage, outcome, at, release) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from character.tracking import outage
+    from character.tracking import runs as tracking
 
     at(4)
     server.kill()
