@@ -136,8 +136,8 @@ def report(args, runs: dict) -> None:
     rest = sync["time_iteration"] - generation
     hidden = overlap_estimate(sync["time_iteration"], asyn["time_iteration"], generation, rest)
     print(f"\nasync / sync: {speedup:.2f}x faster per iteration; generation is "
-          f"{generation / sync['time_iteration']:.0%} of a synchronous iteration; the overlap hid {hidden:.0%} of min(generation, rest) = "
-          f"{min(generation, rest):.1f} s")
+          f"{generation / sync['time_iteration']:.0%} of a synchronous iteration; the overlap hid {hidden:.0%} of "
+          f"min(generation, rest) = {min(generation, rest):.1f} s")
     print("paper estimate, engines and trainers on separate GPUs, the same share hidden:")
     for f in (0.5, 0.6, 0.7, 0.8, 0.9):
         print(f"  generation fraction {f:.1f}: {gpu_speedup(f, hidden):.2f}x "
