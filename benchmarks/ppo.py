@@ -146,7 +146,7 @@ def worker_rollout(args) -> None:
 
     def run_vllm(n: int, rep: int) -> tuple[int, float]:
         t = time.perf_counter()
-        outs = engine.generate(prompts[:n], iteration_seeds(rows[:n], rep, seed), sampling)
+        outs = engine.generate(prompts[:n], iteration_seeds(rows[:n], rep, seed), sampling)["samples"]
         return sum(len(o["token_ids"]) for o in outs), time.perf_counter() - t
 
     def run_hf(n: int, rep: int) -> tuple[int, float]:

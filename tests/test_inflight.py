@@ -62,7 +62,7 @@ class FakeEngine:
     def generate(self, iteration):
         self.calls.append((iteration, self.version))
         self.clock += 1.0
-        return {"samples": [{"version": self.version}], "version": self.version, "started": self.clock - 1.0,
+        return {"samples": [{"version": self.version}], "started": self.clock - 1.0,
                 "finished": self.clock}
 
 
@@ -110,7 +110,7 @@ def _batch(iteration: int, share, k: int, version: int) -> inflight.RolloutBatch
     samples = [{"token_ids": [p, s, iteration], "logprobs": [-0.5 * s, -1.0], "text": f"{p}.{s}",
                 "finish_reason": "stop", "version": version} for p, _ in share for s in range(k)]
     return inflight.RolloutBatch(iteration, share, rows, [[p] for p, _ in share],
-                                 result={"samples": samples, "version": version, "started": 0.0, "finished": 1.0})
+                                 result={"samples": samples, "started": 0.0, "finished": 1.0})
 
 
 @pytest.mark.parametrize("new_world", [1, 2, 3])

@@ -90,9 +90,9 @@ class RolloutEngine:
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: dict) -> dict:
         """`sampling.n` samples per prompt (one request each: vLLM seeds sample j with seed + j), returned
         prompt by prompt, the n samples of a prompt consecutive, each with its tokens' log-probabilities under
-        the weights that sampled them (the behaviour policy: `version`, the last update_weights' version) and
-        the wall-clock times (time.time()) the engine started and finished: {"samples", "version", "started",
-        "finished"}."""
+        the weights that sampled them and their `version` (the behaviour policy: the last update_weights'
+        version), and the wall-clock times (time.time()) the engine started and finished: {"samples",
+        "started", "finished"}."""
         from vllm import SamplingParams
 
         started = time.time()
@@ -105,7 +105,7 @@ class RolloutEngine:
         samples = [{"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason or "length"),
                     "logprobs": sampled_logprobs(c), "version": self.version}
                    for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
-        return {"samples": samples, "version": self.version, "started": started, "finished": time.time()}
+        return {"samples": samples, "started": started, "finished": time.time()}
 
     def update_weights(self, arrays: dict, tie_word_embeddings: bool, version: int) -> int:
         """`arrays`: name -> numpy array (arrays_for_engines), read in place from the object store."""

@@ -15,7 +15,7 @@ Every sample carries the version of the weights that generated it (the engine's,
 the bound is checked on what happened, not on the schedule: an engine that restarted and serves its initial
 weights shows up as a stale batch. A checkpoint keeps the batches in flight (`to_table`): the weights that
 generated them are gone after the update, so a resumed run trains on the saved batches themselves, which makes
-it equal to an uninterrupted one (tests/test_async_rollouts.py).
+it equal to an uninterrupted one (tests/test_train_ppo.py; the schedule without Ray: tests/test_inflight.py).
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ SCHEMA = pa.schema([
 class RolloutBatch:
     """One worker's share of one iteration's rollouts: its prompts (`share`: (position, is_padding) per row,
     as loop.rank_share gives them), their rows and token ids, the engine call in flight and, once it has
-    answered, its result: {"samples": one dict per sample, a prompt's consecutive, "version", "started",
-    "finished"} (RolloutEngine.generate)."""
+    answered, its result: {"samples": one dict per sample, a prompt's consecutive, each with its policy
+    "version", "started", "finished"} (RolloutEngine.generate)."""
 
     iteration: int
     share: list[tuple[int, bool]]
@@ -171,7 +171,6 @@ def from_table(table: pa.Table, plan: Callable[[int], RolloutBatch]) -> list[Rol
         samples = [{key: saved[(p, s)][key] for key in ("token_ids", "logprobs", "text", "finish_reason", "version")}
                    for p, s, _ in wanted]
         now = time.time()
-        batch.result = {"samples": samples, "version": min(x["version"] for x in samples), "started": now,
-                        "finished": now}
+        batch.result = {"samples": samples, "started": now, "finished": now}
         batches.append(batch)
     return batches
